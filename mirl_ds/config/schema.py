@@ -1,0 +1,140 @@
+"""The configuration tree. Each field is documented where it is declared.
+
+``None`` on a model field means "take the preset's value"; derived values (the learning rate
+from the batch size, the segment bounds) are computed where they are used, never stored here.
+"""
+from dataclasses import dataclass, field
+
+
+@dataclass
+class ModelConfig:
+    preset: str = "vit_demo"             # encoder preset, see mirl_ds/models/presets.py
+    img_size: int | None = None          # overrides of the preset's encoder shape
+    patch_size: int | None = None
+    embed_dim: int | None = None
+    depth: int | None = None
+    num_heads: int | None = None
+    mlp_ratio: float | None = None
+    # Decoder shape; a list gives one value per segment (all must agree: the decoders share
+    # memories and the mask token).
+    decoder_dim: int | list[int] | None = None
+    decoder_depth: int | None = None
+    decoder_heads: int | None = None
+
+
+@dataclass
+class DegradationConfig:
+    kind: str = "none"                   # none | zoom_in | zoom_out | fisheye | blur | decolorize
+    view_size: int = 288                 # zoom_in: the clean view; the input is its centre img_size
+    centre_weight: float = 0.8           # zoom_in: loss weight of the centre (input) region
+    border_weight: float = 0.2           # zoom_in: loss weight of the outer band
+    zoom_out_sizes: list[int] = field(default_factory=lambda: [96, 128, 160, 192])
+    twist_range: list[float] = field(default_factory=lambda: [0.15, 0.25])
+    blur_kernel_sizes: list[int] = field(default_factory=lambda: [9])
+    blur_noise_std: float = 0.5          # spread of the noisy box kernel's weights
+    saturations: list[float] = field(default_factory=lambda: [0.0, 0.3, 0.6])
+
+
+@dataclass
+class FeatureLossConfig:
+    enabled: bool = False                # InfoNCE against a momentum encoder (supp. B.1)
+    weight: float = 1.0
+    temperature: float = 0.2
+    momentum: float = 0.996
+    predictor_depth: int = 2
+
+
+@dataclass
+class PerceptualLossConfig:
+    enabled: bool = False                # VGG perceptual loss (supp. B.1)
+    weight: float = 1.0
+    weights_path: str | None = None      # a local VGG state dict; nothing is downloaded
+    arch: str = "vgg16"
+    layers: list[int] = field(default_factory=lambda: [1, 2, 3, 4])
+
+
+@dataclass
+class ObjectiveConfig:
+    # mirl | mae | multi_decoder | coarse_to_fine | fine_to_coarse
+    name: str = "mirl"
+    segments: int | None = None          # G; None takes the preset's
+    mask_ratio: float = 0.75             # 0 turns masking off (pure degradation objectives)
+    norm_pix_loss: bool = True           # per-patch normalised target (always on for MIRL)
+    did: str = "every"                   # every (official code) | first (paper text) | off
+    weight_norm_pred: bool = True        # weight-normalised prediction layers, gain frozen at 1
+    pair_weights: list[float] | None = None  # λ_g; None = 2/G each
+    alternative_loss_omega: float | None = None  # set to use L† = ω·err(ŷ_g) + L_g
+    coarse_sigma: float = 2.0            # Gaussian σ (pixels) for coarse/fine targets
+    pretrain_depth: int | None = None    # truncated pre-training: only the first k blocks
+    mae_decoder_dim: int = 512           # MAE's own decoder (objective: mae)
+    mae_decoder_depth: int = 8
+    mae_decoder_heads: int = 16
+    degradation: DegradationConfig = field(default_factory=DegradationConfig)
+    feature_loss: FeatureLossConfig = field(default_factory=FeatureLossConfig)
+    perceptual_loss: PerceptualLossConfig = field(default_factory=PerceptualLossConfig)
+
+
+@dataclass
+class SyntheticDataConfig:
+    num_classes: int = 8
+    train_per_class: int = 64
+    val_per_class: int = 16
+    image_size: int = 64
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    source: str = "synthetic"            # synthetic | imagefolder
+    root: str = "runs/data/synthetic"    # ImageFolder root (train/ and val/ inside)
+    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    micro_batch_size: int = 32           # per data-parallel rank and step
+    num_workers: int = 0
+    crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
+    hflip: bool = True
+    mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
+    std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
+
+
+@dataclass
+class OptimConfig:
+    base_lr: float = 1.5e-4              # lr = base_lr × global batch / 256
+    lr: float | None = None              # absolute lr; overrides base_lr when set
+    min_lr: float = 0.0
+    weight_decay: float = 0.05           # none on 1-D params, biases, tokens, pos-embeds
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    epochs: float = 800
+    warmup_epochs: float = 40
+    schedule: str = "cosine"             # cosine | step (÷10 at step_milestones × training)
+    step_milestones: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    max_steps: int | None = None         # stop after this many steps (demo, tests)
+    grad_clip: float | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    dir: str = "runs/checkpoints"
+    save_every: int = 1000               # steps
+    keep_last: int = 3
+    resume: str = "auto"                 # auto (latest, if any) | none | <checkpoint dir>
+
+
+@dataclass
+class LoggingConfig:
+    run_dir: str = "runs/default"        # resolved config, logs, pictures
+    log_every: int = 10
+    tensorboard: bool = False
+    csv: bool = True
+
+
+@dataclass
+class RunConfig:
+    name: str = "mirl"
+    seed: int = 0
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
