@@ -3,6 +3,7 @@ overrides, unknown keys rejected with the nearest valid name, every value type-c
 validated as a whole. All problems are reported together, one sentence each."""
 import dataclasses
 import difflib
+import re
 import types
 import typing
 from pathlib import Path
@@ -24,7 +25,15 @@ class ConfigError(ValueError):
 
 
 class _UniqueKeyLoader(yaml.SafeLoader):
-    """A YAML loader that refuses a key written twice in one mapping (yaml keeps the last)."""
+    """A YAML loader that refuses a key written twice in one mapping (yaml keeps the last),
+    and reads booleans as YAML 1.2 does: only true/false, so ``did: off`` stays a string."""
+
+
+_UniqueKeyLoader.yaml_implicit_resolvers = {
+    first: [(tag, rx) for tag, rx in resolvers if tag != "tag:yaml.org,2002:bool"]
+    for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+_UniqueKeyLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:bool", re.compile(r"^(?:true|True|TRUE|false|False|FALSE)$"), list("tTfF"))
 
 
 def _construct_unique_mapping(loader, node, deep=False):
@@ -42,10 +51,27 @@ _UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
                                  _construct_unique_mapping)
 
 
+SHIPPED_DIR = Path(__file__).resolve().parent.parent / "configs"
+
+
+def shipped_configs() -> list[str]:
+    return sorted(p.stem for p in SHIPPED_DIR.glob("*.yaml"))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A YAML path, or the name of a config shipped in mirl_ds/configs (e.g. ``demo``)."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = SHIPPED_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    raise ConfigError([f"config file {name_or_path} does not exist and is not a shipped config "
+                       f"({', '.join(shipped_configs())})"])
+
+
 def read_yaml(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError([f"config file {path} does not exist"])
+    path = resolve_config_path(path)
     try:
         data = yaml.load(path.read_text(), Loader=_UniqueKeyLoader) or {}
     except yaml.YAMLError as e:
@@ -84,7 +110,7 @@ def _parse_override(text: str) -> tuple[str, object]:
         raise ConfigError([f"override {text!r} is not of the form key.path=value"])
     key, raw = text.split("=", 1)
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = yaml.load(raw, Loader=_UniqueKeyLoader) if raw.strip() else None
     except yaml.YAMLError:
         value = raw
     return key.strip(), value

@@ -43,7 +43,7 @@ import math
 import os
 import re
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from io import BytesIO
 from pathlib import Path
@@ -94,6 +94,9 @@ class SyntheticSpec:
     seed: int = 0
 
     def validate(self) -> None:
+        for k, v in asdict(self).items():
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise ValueError(f"SyntheticSpec.{k} must be an int, got {v!r}")
         if not 1 <= int(self.num_classes) <= MAX_CLASSES:
             raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}], got {self.num_classes}")
         if int(self.train_per_class) < 1 or int(self.val_per_class) < 1:
@@ -262,13 +265,16 @@ def _image_rng(seed: int, split: str, class_index: int, index: int) -> np.random
 
 def _encode_jpeg(arr: np.ndarray) -> bytes:
     buf = BytesIO()
-    # Fixed encoder settings (no optimize / progressive) so bytes depend only on pixels.
-    Image.fromarray(arr, mode="RGB").save(buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0)
+    # Fixed encoder settings (no optimize / progressive) so bytes depend only on pixels;
+    # 4:4:4 chroma keeps the few-pixel texture colours intact at 64 px.
+    Image.fromarray(np.ascontiguousarray(arr, dtype=np.uint8)).save(
+        buf, format="JPEG", quality=JPEG_QUALITY, subsampling=0
+    )
     return buf.getvalue()
 
 
 def _write_class(job: tuple[str, str, int, str, int, int, int, int]) -> int:
-    """Render and write every image of one (split, class).  Top-level for pickling."""
+    """Render and write every image of one (split, class)."""
     root, split, class_index, name, count, image_size, num_classes, seed = job
     d = Path(root) / split / name
     d.mkdir(parents=True, exist_ok=True)
@@ -298,7 +304,7 @@ def _readme(spec: SyntheticSpec, names: list[str]) -> str:
         "Purpose: embedded default data for the mirl_ds CPU demo and tests.",
         "",
         f"seed: {spec.seed}",
-        f"image size: {spec.image_size}x{spec.image_size} RGB, JPEG quality {JPEG_QUALITY}",
+        f"image size: {spec.image_size}x{spec.image_size} RGB, JPEG quality {JPEG_QUALITY} (4:4:4 chroma)",
         f"classes: {spec.num_classes}",
         f"train: {spec.train_per_class} per class, {n_train} images",
         f"val: {spec.val_per_class} per class, {n_val} images",
@@ -379,8 +385,9 @@ def generate_synthetic_imagefolder(root: str | os.PathLike, spec: SyntheticSpec 
       unrelated files: ``ValueError`` naming ``root``.
     * ``root`` holding an interrupted synthetic tree (no ``spec.json``): completed.
 
-    ``workers > 1`` renders (split, class) jobs in worker processes; the output bytes
-    do not depend on ``workers``.
+    ``workers > 1`` renders (split, class) jobs in worker threads; the output bytes
+    do not depend on ``workers``.  Not safe for several processes generating into the
+    same ``root`` at once: in a multi-rank job generate on one rank, then barrier.
     """
     spec = SyntheticSpec() if spec is None else spec
     spec.validate()
@@ -421,7 +428,9 @@ def generate_synthetic_imagefolder(root: str | os.PathLike, spec: SyntheticSpec 
         for ci, name in enumerate(names)
     ]
     if workers > 1 and len(jobs) > 1:
-        with ProcessPoolExecutor(max_workers=min(int(workers), len(jobs))) as ex:
+        # Threads, not processes: numpy's array loops and PIL's encoder release the GIL,
+        # and threads need no picklable entry point / __main__ guard in the caller.
+        with ThreadPoolExecutor(max_workers=min(int(workers), len(jobs))) as ex:
             list(ex.map(_write_class, jobs))
     else:
         for job in jobs:

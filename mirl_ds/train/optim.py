@@ -1,0 +1,18 @@
+"""AdamW with the MAE/MIRL weight-decay split, built from timm's own parameter grouping."""
+import torch
+from timm.optim import param_groups_weight_decay
+
+from ..config.schema import OptimConfig
+
+# Tokens and position embeddings carry no weight decay (SPEC §3), besides 1-D params and biases.
+NO_WEIGHT_DECAY = ("*cls_token", "*mask_token", "*pos_embed")
+
+
+def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.AdamW:
+    groups = param_groups_weight_decay(model, optim.weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(optim.betas), eps=optim.eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,55 @@
+"""The CPU demo and its reconstruction picture."""
+import subprocess
+import sys
+
+import torch
+from PIL import Image
+
+from mirl_ds.build import build_pretrain_model
+from mirl_ds.config import load_config
+from mirl_ds.demo import run_demo
+from mirl_ds.models.patches import patchify
+from mirl_ds.viz.reconstruction import quintuplet
+
+
+def tiny_demo_overrides(tmp_path, steps):
+    return ["model.preset=vit_test", "objective.segments=2", f"optim.max_steps={steps}",
+            f"data.root={tmp_path}/data", f"logging.run_dir={tmp_path}/run", "logging.log_every=5",
+            "data.synthetic.train_per_class=16", "data.synthetic.val_per_class=2",
+            "data.synthetic.image_size=32", "data.micro_batch_size=16"]
+
+
+def test_demo_loss_falls_and_picture_is_written(tmp_path):
+    cfg = load_config(["demo"], tiny_demo_overrides(tmp_path, 40))
+    result = run_demo(cfg)
+    assert result["last_loss"] < 0.9 * result["first_loss"]
+    picture = Image.open(result["picture"])
+    assert picture.size[0] > 5 * 32  # five columns
+    assert (tmp_path / "run" / "config.yaml").is_file()
+    assert (tmp_path / "run" / "pretrain_model.pt").is_file()
+
+
+def test_quintuplet_pastes_visible_patches_and_splits_main_and_residual():
+    torch.manual_seed(0)
+    cfg = load_config(None, ["model.preset=vit_tiny_deep"])
+    model = build_pretrain_model(cfg)
+    imgs = torch.randn(2, 3, 32, 32)
+    out = model(imgs, generator=torch.Generator().manual_seed(0))
+    original, masked, recon, residual, main = quintuplet(imgs, out, model.patch)
+    visible = (1 - out.batch.mask).bool()
+    p = model.patch
+    assert torch.equal(patchify(recon, p)[visible], patchify(imgs, p)[visible])
+    assert torch.all(patchify(masked, p)[~visible] == 0)
+    # At masked patches the reconstruction is the main component plus the residual (in pixels).
+    raw = patchify(imgs, p)
+    std = (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    expected = patchify(main, p) + patchify(residual, p)
+    assert torch.allclose(patchify(recon, p)[~visible], expected[~visible], atol=1e-5)
+    assert torch.allclose(patchify(residual, p), out.preds[-1].detach() * std, atol=1e-5)
+
+
+def test_demo_command_reports_bad_override_without_traceback(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mirl_ds", "demo", "objective.segments=3"],
+                            capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 2
+    assert "objective.segments=3 is odd" in result.stderr and "Traceback" not in result.stderr
