@@ -344,7 +344,7 @@ MAE_DECODER = ["objective.mae_decoder_dim=32", "objective.mae_decoder_depth=2",
 GRADIENT_CASES = {
     "mirl_did_every": ["objective.name=mirl", "objective.did=every"],
     "mirl_did_first": ["objective.name=mirl", "objective.did=first"],
-    "mirl_did_off": ["objective.name=mirl", "objective.did='off'"],   # quoted: see test below
+    "mirl_did_off": ["objective.name=mirl", "objective.did=off"],
     "mirl_weight_norm_off": ["objective.name=mirl", "objective.weight_norm_pred=false"],
     "mirl_alternative_loss": ["objective.name=mirl", "objective.alternative_loss_omega=0.1"],
     "mae": ["objective.name=mae", *MAE_DECODER],

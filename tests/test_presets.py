@@ -123,7 +123,7 @@ def test_every_preset_builds_mirl_and_takes_a_forward_backward_step(name):
     assert not missing, missing[:5]
 
 
-@pytest.mark.parametrize("name", ["vit_test", "vit_small", "vit_base"])
+@pytest.mark.parametrize("name", ["vit_test", pytest.param("vit_base", marks=pytest.mark.slow)])
 def test_small_presets_build_mae_with_the_default_decoder_and_step(name):
     spec = _small(PRESETS[name])
     torch.manual_seed(0)

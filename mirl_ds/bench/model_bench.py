@@ -160,8 +160,10 @@ def count_flops(loss_fn) -> tuple[float, dict[str, float]]:
     counter = FlopCounterMode(display=False, custom_mapping=_EXTRA_FLOP_FORMULAS)
     with counter:
         loss_fn().backward()
-    per_op = {str(op).split(".")[-2] if "." in str(op) else str(op): n / 1e9
-              for op, n in counter.get_flop_counts().get("Global", {}).items()}
+    per_op: dict[str, float] = {}
+    for op, n in counter.get_flop_counts().get("Global", {}).items():
+        key = str(op).removeprefix("aten.").removesuffix(".default")
+        per_op[key] = per_op.get(key, 0.0) + n / 1e9
     return counter.get_total_flops() / 1e9, per_op
 
 

@@ -29,13 +29,14 @@ def quintuplet(imgs: torch.Tensor, out: PretrainOutput, patch: int) -> list[torc
     the shallowest decoder alone and the residual the deepest one.
     """
     imgs = imgs.float().cpu()
+    n = imgs.shape[0]  # may be the first rows of the batch ``out`` was computed on
     raw = patchify(imgs, patch)
     mean = raw.mean(dim=-1, keepdim=True)
     std = (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
-    preds = [p.float().cpu() for p in out.preds]
+    preds = [p[:n].float().cpu() for p in out.preds]
     main, residual = preds[0], preds[-1]
     recon = main + residual if len(preds) > 1 else main
-    mask = out.batch.mask.float().cpu().unsqueeze(-1)                       # [N, L, 1]
+    mask = out.batch.mask[:n].float().cpu().unsqueeze(-1)                       # [N, L, 1]
     c = imgs.shape[1]
     to_img = lambda p: unpatchify(p, patch, c)                               # noqa: E731
     recon_px = recon * std + mean
@@ -52,8 +53,9 @@ def save_quintuplet_png(path: str | Path, imgs: torch.Tensor, out: PretrainOutpu
                         mean, std, max_rows: int = 6, scale: int = 3) -> Path:
     """Write the picture; returns its path. ``scale`` upsamples tiny demo images for viewing."""
     panels = quintuplet(imgs[:max_rows], out, patch)
-    panels = [_to_pixels(p[:max_rows], mean, std) if i != 3 else
-              (0.5 + p[:max_rows] * torch.tensor(std).view(1, -1, 1, 1)).clamp(0, 1)
+    # The residual has no mean of its own: show it around mid-grey.
+    panels = [_to_pixels(p, mean, std) if i != 3 else
+              (0.5 + p * torch.tensor(std).view(1, -1, 1, 1)).clamp(0, 1)
               for i, p in enumerate(panels)]
     n, _, h, w = panels[0].shape
     gap, header = 4, 14
