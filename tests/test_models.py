@@ -6,7 +6,6 @@ Targets, losses and position embeddings are recomputed here by hand (reshape/per
 unbiased variance, a numpy port of MAE's ``get_2d_sincos_pos_embed``) rather than with the
 project's own helpers, so that a slip in a helper shows up as a disagreement.
 """
-import math
 
 import numpy as np
 import pytest

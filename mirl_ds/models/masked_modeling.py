@@ -79,6 +79,7 @@ class MaskedModeling(nn.Module):
                                                       spec.mlp_ratio)
             # timm's EMA holds a frozen copy; it is a submodule so it is checkpointed with the model.
             self.momentum_encoder = ModelEmaV3(self.encoder, decay=feature_loss.momentum)
+            self.momentum_encoder.requires_grad_(False)  # moved by the EMA only, never the optimizer
         self.perceptual_cfg = perceptual_loss
         if perceptual_loss is not None:
             self.perceptual = VGGPerceptualLoss(perceptual_loss.weights_path, perceptual_loss.arch,
