@@ -38,8 +38,12 @@ def cmd_demo(args) -> int:
 
 
 def cmd_bench(args) -> int:
-    from .bench import model_bench
-    return model_bench.run(args)
+    return args.bench_run(args)
+
+
+def cmd_shard(args) -> int:
+    from .data import sharding
+    return sharding.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -59,10 +63,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, help="stop after this many steps")
     p.set_defaults(func=cmd_demo)
 
+    from .data import sharding
+    p = sub.add_parser("shard", help="write WebDataset tar shards + manifest (local or s3://)")
+    sharding.add_arguments(p)
+    p.set_defaults(func=cmd_shard)
+
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
-    from .bench import model_bench
-    model_bench.add_arguments(bench.add_parser("model", help="one pre-training step vs the matmul rate"))
+    from .bench import model_bench, shard_bench
+    for name, module, what in (("model", model_bench, "one pre-training step vs the matmul rate"),
+                               ("shard", shard_bench, "sharding throughput vs tar -cf")):
+        module.add_arguments(bench.add_parser(name, help=what))
+        bench.choices[name].set_defaults(bench_run=module.run)
     p.set_defaults(func=cmd_bench)
     return parser
 

@@ -1,0 +1,511 @@
+"""Tests for ``mirl-ds shard`` (mirl_ds.data.sources, mirl_ds.data.sharding) and the shard contract
+of docs/shard-format.md."""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import io
+import json
+import os
+import subprocess
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mirl_ds.data import sharding
+from mirl_ds.data.sharding import FORMAT, shard_dataset, tar_bytes
+from mirl_ds.data.sources import list_source, make_keys
+
+WNIDS = ["n01440764", "n01443537", "n01484850"]
+
+
+def jpeg_bytes(rng: np.random.Generator, w: int = 16, h: int = 12) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(buf, format="JPEG", quality=90)
+    return buf.getvalue()
+
+
+def make_tree(root: Path, per_class: tuple[int, ...] = (9, 7, 8), seed: int = 0, vary: bool = True) -> dict:
+    """ImageFolder tree root/train/<wnid>/<wnid>_<i>.JPEG; returns {relative path: (bytes, class)}."""
+    rng = np.random.default_rng(seed)
+    out = {}
+    for ci, (wnid, n) in enumerate(zip(WNIDS, per_class)):
+        d = root / "train" / wnid
+        d.mkdir(parents=True, exist_ok=True)
+        for i in range(n):
+            w = int(rng.integers(8, 40)) if vary else 16
+            data = jpeg_bytes(rng, w, w * 3 // 4 + 1)
+            (d / f"{wnid}_{i}.JPEG").write_bytes(data)
+            out[f"train/{wnid}/{wnid}_{i}.JPEG"] = (data, ci)
+    return out
+
+
+def read_tar(path: Path) -> list[tuple[str, bytes]]:
+    with tarfile.open(path) as tf:
+        return [(m.name, tf.extractfile(m).read()) for m in tf.getmembers()]
+
+
+def samples_of(dest: Path, prefix: str = "train") -> list[tuple[str, bytes, int]]:
+    """(key, jpg bytes, class) of every sample, in shard then member order."""
+    man = json.loads((dest / f"{prefix}.manifest.json").read_text())
+    out = []
+    for sh in man["shards"]:
+        members = read_tar(dest / sh["name"])
+        assert len(members) == 2 * sh["samples"]
+        for (n_cls, cls), (n_jpg, jpg) in zip(members[0::2], members[1::2]):
+            key = n_cls[: -len(".cls")]
+            assert n_cls == f"{key}.cls" and n_jpg == f"{key}.jpg"
+            out.append((key, jpg, int(cls.decode("ascii"))))
+    return out
+
+
+def files_of(dest: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(dest.iterdir())}
+
+
+@pytest.fixture(scope="module")
+def tree(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("src")
+    return root, make_tree(root)
+
+
+def shard(src, dest, **kw):
+    kw.setdefault("workers", 1)
+    kw.setdefault("progress", False)
+    return shard_dataset(src, dest, **kw)
+
+
+# ----------------------------------------------------------------------------- round trip
+
+
+def test_every_source_image_arrives_once_with_original_bytes_and_label(tree, tmp_path):
+    root, files = tree
+    dest = tmp_path / "out"
+    res = shard(root, dest, split="train", max_count=7)
+    man = res["manifest"]
+
+    got = samples_of(dest)
+    assert len(got) == len(files) == man["total_samples"]
+    keys = [k for k, _, _ in got]
+    assert len(set(keys)) == len(keys) and not any("." in k for k in keys)
+    by_key = {Path(rel).stem: v for rel, v in files.items()}
+    assert set(keys) == set(by_key)
+    for key, jpg, cls in got:
+        assert jpg == by_key[key][0], f"{key}: bytes differ from the source file"
+        assert cls == by_key[key][1], f"{key}: wrong class"
+
+    # The manifest matches the tars it describes.
+    assert man["format"] == FORMAT and man["prefix"] == "train"
+    assert man["classes"] == [{"index": i, "wnid": w, "name": w} for i, w in enumerate(WNIDS)]
+    assert man["source"]["kind"] == "imagefolder" and man["source"]["split"] == "train"
+    assert man["seed"] == 0 and man["max_count"] == 7 and man["skipped"] == []
+    assert [s["name"] for s in man["shards"]] == [f"train-{i:06d}.tar" for i in range(len(man["shards"]))]
+    for sh in man["shards"]:
+        data = (dest / sh["name"]).read_bytes()
+        assert sh["bytes"] == len(data)
+        assert sh["sha256"] == hashlib.sha256(data).hexdigest()
+        assert sh["first_key"] == read_tar(dest / sh["name"])[0][0].split(".")[0]
+    assert sum(s["samples"] for s in man["shards"]) == man["total_samples"]
+
+    # A standard tar tool reads them too.
+    listed = []
+    for sh in man["shards"]:
+        listed += subprocess.run(["tar", "-tf", str(dest / sh["name"])], check=True, capture_output=True,
+                                 text=True).stdout.split()
+    assert sorted(listed) == sorted([f"{k}.cls" for k in keys] + [f"{k}.jpg" for k in keys])
+
+
+def test_webdataset_reads_the_shards_back(tree, tmp_path):
+    import webdataset as wds
+
+    root, files = tree
+    dest = tmp_path / "out"
+    man = shard(root, dest, split="train", max_count=10)["manifest"]
+    urls = [str(dest / s["name"]) for s in man["shards"]]
+    by_key = {Path(rel).stem: v for rel, v in files.items()}
+    seen = []
+    for sample in wds.WebDataset(urls, shardshuffle=False):
+        seen.append(sample["__key__"])
+        assert sample["jpg"] == by_key[sample["__key__"]][0]
+        assert int(sample["cls"]) == by_key[sample["__key__"]][1]
+    assert sorted(seen) == sorted(by_key)
+
+
+# ----------------------------------------------------------------------------- bounds
+
+
+def test_shards_respect_max_count_and_max_bytes_except_a_lone_oversized_sample(tmp_path):
+    root = tmp_path / "src"
+    files = make_tree(root, per_class=(12, 10, 11), vary=True)
+    rng = np.random.default_rng(5)
+    big = jpeg_bytes(rng, 160, 120)  # alone bigger than max_bytes below
+    (root / "train" / WNIDS[0] / "big.JPEG").write_bytes(big)
+    max_bytes, max_count = 12 * 1024, 6
+    assert tar_bytes(2 * 512 + len(big)) > max_bytes
+
+    dest = tmp_path / "out"
+    man = shard(root, dest, max_count=max_count, max_bytes=max_bytes)["manifest"]
+    assert man["total_samples"] == len(files) + 1
+    shards = man["shards"]
+    sizes = [(dest / s["name"]).stat().st_size for s in shards]
+    for s, size in zip(shards, sizes):
+        assert s["samples"] <= max_count
+        assert size <= max_bytes or s["samples"] == 1, f"{s['name']} is {size} bytes with {s['samples']} samples"
+    big_shard = next(s for s in shards if any(n == "big.jpg" for n, _ in read_tar(dest / s["name"])))
+    assert big_shard["samples"] == 1
+
+    # The cuts are tight: each shard but the last is full (max_count samples, or the next sample
+    # would have pushed it over max_bytes); planned sizes are exact tar sizes.
+    def sample_bytes(members):
+        return sum(512 + -(-len(data) // 512) * 512 for _, data in members)
+
+    for i, s in enumerate(shards):
+        members = read_tar(dest / s["name"])
+        assert tar_bytes(sample_bytes(members)) == sizes[i]
+        if i + 1 < len(shards):
+            nxt = read_tar(dest / shards[i + 1]["name"])[:2]
+            assert s["samples"] == max_count or tar_bytes(sample_bytes(members) + sample_bytes(nxt)) > max_bytes
+
+
+# ----------------------------------------------------------------------------- determinism
+
+
+def test_same_seed_gives_identical_shards_and_the_order_is_shuffled(tree, tmp_path):
+    root, files = tree
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    shard(root, a, max_count=5, seed=3)
+    shard(root, b, max_count=5, seed=3)
+    assert files_of(a) == files_of(b)
+
+    order = [k for k, _, _ in samples_of(a)]
+    source_order = [s.key for s in list_source(root, split="train").samples]
+    assert sorted(order) == sorted(source_order)
+    assert order != source_order, "samples were written in source order, not shuffled"
+    # Classes are mixed within shards, not one class per shard.
+    labels = [c for _, _, c in samples_of(a)]
+    assert any(len(set(labels[i:i + 5])) > 1 for i in range(0, len(labels), 5))
+
+    shard(root, c, max_count=5, seed=4)
+    assert [k for k, _, _ in samples_of(c)] != order, "a different seed gave the same order"
+
+
+def test_parallel_writers_give_byte_identical_output(tree, tmp_path):
+    root, _ = tree
+    one, two = tmp_path / "w1", tmp_path / "w2"
+    shard(root, one, max_count=4, workers=1)
+    res = shard(root, two, max_count=4, workers=2)
+    assert len(res["written"]) > 2
+    assert files_of(one) == files_of(two)
+
+
+# ----------------------------------------------------------------------------- resume
+
+
+def test_resume_writes_only_missing_shards_and_matches_an_uninterrupted_run(tree, tmp_path):
+    root, _ = tree
+    ref, dest = tmp_path / "ref", tmp_path / "dest"
+    shard(root, ref, max_count=5)
+    first = shard(root, dest, max_count=5)
+    names = [s["name"] for s in first["manifest"]["shards"]]
+    assert len(names) >= 4
+
+    # Interrupted state: shard 1 never finished (tar + sidecar gone, a .partial left behind),
+    # shard 2's tar is torn (its size no longer matches the sidecar); the manifest is gone.
+    (dest / names[1]).unlink()
+    (dest / (names[1] + ".done.json")).unlink()
+    (dest / (names[1] + ".partial")).write_bytes(b"garbage from a killed writer")
+    with open(dest / names[2], "r+b") as f:
+        f.truncate(1000)
+    (dest / "train.manifest.json").unlink()
+    kept = [n for i, n in enumerate(names) if i not in (1, 2)]
+    mtimes = {n: (dest / n).stat().st_mtime_ns for n in kept}
+
+    again = shard(root, dest, max_count=5, workers=2)
+    assert again["written"] == [names[1], names[2]]
+    assert again["kept"] == sorted(kept)
+    assert {n: (dest / n).stat().st_mtime_ns for n in kept} == mtimes
+    assert not list(dest.glob("*.partial"))
+    assert files_of(dest) == files_of(ref)
+
+    # A complete set: a re-run writes nothing and changes nothing.
+    third = shard(root, dest, max_count=5)
+    assert third["written"] == [] and files_of(dest) == files_of(ref)
+
+
+def test_resume_refuses_a_destination_made_from_another_plan(tree, tmp_path):
+    root, _ = tree
+    dest = tmp_path / "dest"
+    shard(root, dest, max_count=5, seed=0)
+    with pytest.raises(ValueError, match="different plan.*new DEST"):
+        shard(root, dest, max_count=5, seed=1)
+    (dest / "train.manifest.json").unlink()  # only sidecars left: still refused
+    with pytest.raises(ValueError, match="different plan"):
+        shard(root, dest, max_count=6, seed=0)
+
+
+# ----------------------------------------------------------------------------- bad images
+
+
+def run_cli(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser()
+    sharding.add_arguments(parser)
+    return sharding.run(parser.parse_args(argv))
+
+
+def test_corrupt_empty_and_non_jpeg_files_are_skipped_counted_listed_and_reported(tmp_path, capsys):
+    root = tmp_path / "src"
+    files = make_tree(root, per_class=(6, 6, 6))
+    d = root / "train" / WNIDS[1]
+    good = (d / f"{WNIDS[1]}_0.JPEG").read_bytes()
+    bad = {
+        f"train/{WNIDS[1]}/empty.JPEG": b"",
+        f"train/{WNIDS[1]}/truncated.JPEG": good[: len(good) * 2 // 3],
+        f"train/{WNIDS[2]}/garbage.JPEG": b"\xff\xd8\xff\xe0" + bytes(300),
+        f"train/{WNIDS[2]}/noise.jpg": bytes(range(256)) * 4,
+    }
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, format="PNG")
+    bad[f"train/{WNIDS[0]}/picture.png"] = png.getvalue()
+    for rel, data in bad.items():
+        (root / rel).write_bytes(data)
+
+    dest = tmp_path / "out"
+    assert run_cli([str(root), str(dest), "--max-count", "4", "--workers", "1", "--no-progress"]) == 0
+    report = capsys.readouterr().out
+    man = json.loads((dest / "train.manifest.json").read_text())
+
+    assert man["total_samples"] == len(files)
+    assert sum(s["samples"] for s in man["shards"]) == len(files)
+    skipped = {s["path"]: s["reason"] for s in man["skipped"]}
+    assert set(skipped) == set(bad)
+    assert skipped[f"train/{WNIDS[1]}/empty.JPEG"] == "empty file"
+    assert "truncated" in skipped[f"train/{WNIDS[1]}/truncated.JPEG"]
+    assert "not a JPEG but PNG" in skipped[f"train/{WNIDS[0]}/picture.png"]
+    assert f"skipped {len(bad)} files" in report
+    for rel, reason in skipped.items():
+        assert f"{rel}: {reason}" in report
+    written = {k for k, _, _ in samples_of(dest)}
+    assert not written & {"empty", "truncated", "garbage", "noise", "picture"}
+    # A skipped file keeps its planned slot: its shard just holds fewer samples.
+    assert any(s["samples"] < 4 for s in man["shards"][:-1])
+
+
+def with_undefined_quant_table(data: bytes) -> bytes:
+    """The JPEG with its first component pointing at quantisation table 3, which is not defined:
+    well-formed markers (the header check passes), but libjpeg refuses to decode it."""
+    out = bytearray(data)
+    sof = out.index(b"\xff\xc0")
+    out[sof + 12] = 3  # FF C0, length(2), precision, height(2), width(2), Nf, [Ci, HiVi, Tqi]...
+    return bytes(out)
+
+
+def test_decode_verification_catches_what_the_header_check_cannot(tmp_path):
+    root = tmp_path / "src"
+    make_tree(root, per_class=(3, 3, 3))
+    rel = f"train/{WNIDS[0]}/{WNIDS[0]}_0.JPEG"
+    (root / rel).write_bytes(with_undefined_quant_table((root / rel).read_bytes()))
+    assert shard(root, tmp_path / "a", verify="header")["manifest"]["skipped"] == []
+    man = shard(root, tmp_path / "b", verify="decode")["manifest"]
+    assert [s["path"] for s in man["skipped"]] == [rel]
+    assert "not a decodable image" in man["skipped"][0]["reason"]
+
+
+# ----------------------------------------------------------------------------- ImageNet val
+
+
+VAL_LABELS = ["n01484850", "n01440764", "n01484850", "n01443537", "n01440764"]
+
+
+@pytest.fixture()
+def val_folder(tmp_path) -> tuple[Path, dict]:
+    rng = np.random.default_rng(1)
+    d = tmp_path / "val"
+    d.mkdir()
+    out = {}
+    for i, _ in enumerate(VAL_LABELS, 1):
+        data = jpeg_bytes(rng)
+        (d / f"ILSVRC2012_val_{i:08d}.JPEG").write_bytes(data)
+        out[f"ILSVRC2012_val_{i:08d}"] = data
+    return d, out
+
+
+def expected_val(indices: list[int]) -> dict[str, int]:
+    return {f"ILSVRC2012_val_{i:08d}": c for i, c in enumerate(indices, 1)}
+
+
+def val_labels(dest: Path, files: dict) -> dict[str, int]:
+    got = samples_of(dest, "val")
+    for key, jpg, _ in got:
+        assert jpg == files[key]
+    return {k: c for k, _, c in got}
+
+
+def test_imagenet_val_with_loc_val_solution_csv(val_folder, tmp_path):
+    folder, files = val_folder
+    lf = tmp_path / "LOC_val_solution.csv"
+    rows = [f"ILSVRC2012_val_{i:08d},{w} 10 20 30 40 {w} 1 2 3 4" for i, w in enumerate(VAL_LABELS, 1)]
+    lf.write_text("ImageId,PredictionString\n" + "\n".join(reversed(rows)) + "\n")
+    dest = tmp_path / "out"
+    man = shard(folder, dest, label_file=lf)["manifest"]
+    # Indices follow the sorted wnids the label file uses.
+    assert val_labels(dest, files) == expected_val([2, 0, 2, 1, 0])
+    assert [c["wnid"] for c in man["classes"]] == sorted(set(VAL_LABELS))
+    assert man["source"]["kind"] == "imagenet_val" and man["prefix"] == "val"
+    assert man["source"]["label_file"] == str(lf)
+
+
+def test_imagenet_val_with_filename_wnid_lines_and_a_classes_file(val_folder, tmp_path):
+    folder, files = val_folder
+    lf = tmp_path / "val_labels.txt"
+    lf.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG {w}\n" for i, w in enumerate(VAL_LABELS, 1)))
+    cf = tmp_path / "LOC_synset_mapping.txt"
+    cf.write_text("n01440764 tench, Tinca tinca\nn01443537 goldfish, Carassius auratus\n"
+                  "n01000000 extra class\nn01484850 great white shark\n")
+    dest = tmp_path / "out"
+    man = shard(folder, dest, label_file=lf, classes_file=cf, source_kind="imagenet_val")["manifest"]
+    # Indices follow the classes file's sorted wnids (n01000000 first), not the label file's.
+    assert val_labels(dest, files) == expected_val([3, 1, 3, 2, 1])
+    assert man["classes"][1] == {"index": 1, "wnid": "n01440764", "name": "tench, Tinca tinca"}
+
+
+def test_imagenet_val_with_filename_class_index_lines(val_folder, tmp_path):
+    folder, files = val_folder
+    lf = tmp_path / "val.txt"
+    idx = [7, 0, 7, 3, 0]
+    lf.write_text("".join(f"ILSVRC2012_val_{i:08d}.JPEG {c}\n" for i, c in enumerate(idx, 1)))
+    dest = tmp_path / "out"
+    shard(folder, dest, label_file=lf)
+    assert val_labels(dest, files) == expected_val(idx)
+
+
+def test_imagenet_val_with_devkit_ground_truth_needs_and_uses_the_id_mapping(val_folder, tmp_path):
+    folder, files = val_folder
+    lf = tmp_path / "ILSVRC2012_validation_ground_truth.txt"
+    ids = {"n01484850": 1, "n01440764": 2, "n01443537": 3}  # devkit IDs: not sorted-wnid order
+    lf.write_text("".join(f"{ids[w]}\n" for w in VAL_LABELS))
+    with pytest.raises(ValueError, match="ILSVRC2012 class IDs.*map_clsloc"):
+        shard(folder, tmp_path / "x", label_file=lf)
+    cf = tmp_path / "map_clsloc.txt"
+    cf.write_text("n01484850 1 great_white_shark\nn01440764 2 tench\nn01443537 3 goldfish\n")
+    dest = tmp_path / "out"
+    man = shard(folder, dest, label_file=lf, classes_file=cf)["manifest"]
+    assert val_labels(dest, files) == expected_val([2, 0, 2, 1, 0])
+    assert man["classes"][0] == {"index": 0, "wnid": "n01440764", "name": "tench"}
+
+
+def test_imagenet_val_reports_images_without_a_label(val_folder, tmp_path):
+    folder, files = val_folder
+    lf = tmp_path / "val.txt"
+    lf.write_text("".join(f"ILSVRC2012_val_{i:08d} {w}\n" for i, w in enumerate(VAL_LABELS[:4], 1)))
+    man = shard(folder, tmp_path / "out", label_file=lf)["manifest"]
+    assert man["total_samples"] == 4
+    assert [s["path"] for s in man["skipped"]] == ["ILSVRC2012_val_00000005.JPEG"]
+    assert "no label" in man["skipped"][0]["reason"]
+
+
+@pytest.mark.parametrize("name, text, line", [
+    ("LOC_val_solution.csv", "ImageId,PredictionString\nILSVRC2012_val_00000001,n01484850 1 2 3 4\n"
+                             "ILSVRC2012_val_00000002\n", 3),
+    ("val.txt", "ILSVRC2012_val_00000001.JPEG n01484850\nILSVRC2012_val_00000002.JPEG n01440764 extra\n", 2),
+    ("val.txt", "a.JPEG 1\nb.JPEG 2\nc.JPEG n01440764\n", 3),
+    ("ILSVRC2012_validation_ground_truth.txt", "1\n2\n3\nx\n", 4),
+])
+def test_malformed_label_line_is_an_error_naming_file_and_line(val_folder, tmp_path, name, text, line):
+    folder, _ = val_folder
+    lf = tmp_path / name
+    lf.write_text(text)
+    cf = tmp_path / "map_clsloc.txt"
+    cf.write_text("n01484850 1 a\nn01440764 2 b\nn01443537 3 c\n")
+    with pytest.raises(ValueError) as e:
+        shard(folder, tmp_path / "out", label_file=lf, classes_file=cf)
+    assert str(lf) in str(e.value) and f"line {line}" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- sources, keys, errors
+
+
+def test_synthetic_source_is_generated_if_missing_and_sharded_with_class_names(tmp_path, monkeypatch):
+    from mirl_ds.data import synthetic
+
+    tiny = synthetic.SyntheticSpec(num_classes=3, train_per_class=3, val_per_class=2, image_size=16, seed=0)
+    monkeypatch.setattr(synthetic, "SyntheticSpec", lambda: tiny)
+    root = tmp_path / "syn"
+    res = shard(root, tmp_path / "out", source_kind="synthetic", split="val")
+    man = res["manifest"]
+    assert (root / "spec.json").is_file()
+    assert man["source"]["kind"] == "synthetic" and man["prefix"] == "val" and man["total_samples"] == 6
+    names = synthetic.class_names(3)
+    assert [c["name"] for c in man["classes"]] == names
+    for key, jpg, cls in samples_of(tmp_path / "out", "val"):
+        assert key.startswith(f"val_{names[cls]}_")
+        assert jpg == (root / "val" / names[cls] / f"{key}.JPEG").read_bytes()
+    # auto detects the (now complete) synthetic root.
+    assert shard(root, tmp_path / "out2", split="val")["manifest"]["source"]["kind"] == "synthetic"
+
+
+def test_keys_are_unique_and_dot_free_when_stems_collide(tmp_path):
+    rng = np.random.default_rng(2)
+    for wnid in WNIDS[:2]:
+        d = tmp_path / "src" / wnid
+        d.mkdir(parents=True)
+        for name in ("img.v2.jpg", "img_v2.JPEG", "photo 1.jpeg"):
+            (d / name).write_bytes(jpeg_bytes(rng))
+    dest = tmp_path / "out"
+    man = shard(tmp_path / "src", dest)["manifest"]
+    keys = [k for k, _, _ in samples_of(dest)]
+    assert man["total_samples"] == len(keys) == 6
+    assert len(set(keys)) == 6 and all("." not in k and " " not in k for k in keys)
+    assert make_keys(["a.b", "a_b", "a_b"]) == ["a_b", "a_b_2", "a_b_3"]
+
+
+def test_bad_inputs_are_one_sentence_errors(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        shard(tmp_path / "missing", tmp_path / "out")
+    (tmp_path / "empty" / "n0").mkdir(parents=True)
+    with pytest.raises(ValueError, match="no images found"):
+        shard(tmp_path / "empty", tmp_path / "out")
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "a.JPEG").write_bytes(jpeg_bytes(np.random.default_rng(0)))
+    with pytest.raises(ValueError, match="--label-file"):
+        shard(flat, tmp_path / "out")
+    src = tmp_path / "src"
+    make_tree(src, per_class=(1, 1, 1))
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a folder"):
+        shard(src, tmp_path / "file")
+    with pytest.raises(FileNotFoundError, match="label file"):
+        shard(flat, tmp_path / "out", label_file=tmp_path / "nope.txt")
+    with pytest.raises(ValueError, match="--max-count"):
+        shard(src, tmp_path / "out", max_count=0)
+
+
+def test_unwritable_destination_is_an_error(tmp_path):
+    src = tmp_path / "src"
+    make_tree(src, per_class=(1, 1, 1))
+    if os.geteuid() == 0:  # root writes anywhere a mode allows: use a filesystem nobody can write
+        with pytest.raises(ValueError, match="not writable"):
+            shard(src, "/sys/mirl_ds_test_out")
+        return
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        with pytest.raises(ValueError, match="not writable"):
+            shard(src, ro / "out")
+    finally:
+        ro.chmod(0o755)
+
+
+def test_cli_arguments_parse_sizes_and_defaults():
+    parser = argparse.ArgumentParser()
+    sharding.add_arguments(parser)
+    a = parser.parse_args(["s", "d", "--max-bytes", "1e9"])
+    assert (a.max_bytes, a.max_count, a.seed, a.split, a.source_kind) == (10**9, 1000, 0, "train", "auto")
+    assert parser.parse_args(["s", "d", "--max-bytes", "500M"]).max_bytes == 500 * 10**6
+    assert parser.parse_args(["s", "d", "--max-bytes", "64KiB"]).max_bytes == 64 * 1024
+    with pytest.raises(SystemExit):
+        parser.parse_args(["s", "d", "--max-bytes", "lots"])
