@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
-    from .bench import model_bench, shard_bench
+    from .bench import data_bench, model_bench, shard_bench
     for name, module, what in (("model", model_bench, "one pre-training step vs the matmul rate"),
+                               ("data", data_bench, "input pipeline img/s per core vs torchvision"),
                                ("shard", shard_bench, "sharding throughput vs tar -cf")):
         module.add_arguments(bench.add_parser(name, help=what))
         bench.choices[name].set_defaults(bench_run=module.run)
