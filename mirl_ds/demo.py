@@ -10,7 +10,7 @@ from torchvision.datasets import ImageFolder
 
 from .build import build_pretrain_model, pretrain_input_size
 from .config import RunConfig, dump_config
-from .data.synthetic import SyntheticSpec, generate_synthetic_imagefolder
+from .data.synthetic import generate_synthetic_imagefolder
 from .data.transforms import pretrain_transform
 from .log import get_logger
 from .train.optim import build_optimizer, set_lr
@@ -27,7 +27,7 @@ class NonFiniteLoss(RuntimeError):
 def demo_loader(cfg: RunConfig) -> DataLoader:
     root = Path(cfg.data.root)
     if cfg.data.source == "synthetic":
-        generate_synthetic_imagefolder(root, SyntheticSpec(**vars(cfg.data.synthetic)))
+        generate_synthetic_imagefolder(root, cfg.data.synthetic)
     dataset = ImageFolder(str(root / "train"), transform=pretrain_transform(cfg.data, pretrain_input_size(cfg)))
     gen = torch.Generator().manual_seed(cfg.seed)
     return DataLoader(dataset, batch_size=cfg.data.micro_batch_size, shuffle=True, drop_last=True,

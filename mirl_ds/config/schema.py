@@ -5,6 +5,8 @@ from the batch size, the segment bounds) are computed where they are used, never
 """
 from dataclasses import dataclass, field
 
+from ..data.synthetic import SyntheticSpec  # the generator's own spec is the config section
+
 
 @dataclass
 class ModelConfig:
@@ -75,19 +77,10 @@ class ObjectiveConfig:
 
 
 @dataclass
-class SyntheticDataConfig:
-    num_classes: int = 8
-    train_per_class: int = 64
-    val_per_class: int = 16
-    image_size: int = 64
-    seed: int = 0
-
-
-@dataclass
 class DataConfig:
     source: str = "synthetic"            # synthetic | imagefolder
     root: str = "runs/data/synthetic"    # ImageFolder root (train/ and val/ inside)
-    synthetic: SyntheticDataConfig = field(default_factory=SyntheticDataConfig)
+    synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     micro_batch_size: int = 32           # per data-parallel rank and step
     num_workers: int = 0
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])

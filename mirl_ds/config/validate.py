@@ -133,6 +133,10 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     d, p = cfg.data, []
     if d.source not in DATA_SOURCES:
         p.append(f"data.source={d.source!r} is not one of {', '.join(DATA_SOURCES)}")
+    try:
+        d.synthetic.validate()
+    except ValueError as e:
+        p.append(f"data.synthetic: {e}")
     if d.micro_batch_size < 1:
         p.append(f"data.micro_batch_size={d.micro_batch_size} must be at least 1")
     if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:

@@ -14,6 +14,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 
+from .encoder import init_linear_and_norm
+
 __all__ = ["info_nce_masked", "FeaturePredictor"]
 
 
@@ -60,18 +62,7 @@ class FeaturePredictor(nn.Module):
         )
         self.norm = norm_layer(dim)
         self.head = nn.Linear(dim, dim)
-        self.apply(self._init_weights)
-
-    @staticmethod
-    def _init_weights(m: nn.Module) -> None:
-        # MAE-style init: xavier-uniform linears with zero bias, unit LayerNorm
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)
-        elif isinstance(m, nn.LayerNorm):
-            nn.init.ones_(m.weight)
-            nn.init.zeros_(m.bias)
+        self.apply(init_linear_and_norm)  # MAE-style, as the rest of the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         for blk in self.blocks:
