@@ -24,6 +24,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import statistics
 import time
 from dataclasses import asdict, dataclass, field
@@ -36,6 +37,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, 
 OBJECTIVES = ("mirl", "mae", "multi_decoder")
 ISSUE_TARGET_FRACTION = 0.65      # ViT-B-48 MIRL at micro-batch 8 (the issue's target)
 ISSUE_REFERENCE_FRACTION = 0.85   # what plain timm ViT-B blocks reach (the issue's measurement)
+BUSY_SHARE = 0.95                 # below this CPU share a timing is flagged as disturbed
 
 _aten = torch.ops.aten
 
@@ -94,6 +96,28 @@ class MatmulResult:
     gflops_per_s: float
     seconds: float         # best time of one mm
     repeats: int
+    cpu_share: float = 1.0
+
+
+def _cpu_seconds() -> float:
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+class CpuShare:
+    """How much of ``threads`` cores this process got over a stretch of wall time.
+
+    Below ~0.95 something else was running on the machine: the timings are not trustworthy
+    (and with OpenMP a thread that loses its core stalls every parallel region).
+    """
+
+    def __enter__(self):
+        self.cpu, self.wall = _cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        wall = time.perf_counter() - self.wall
+        self.share = (_cpu_seconds() - self.cpu) / max(wall * torch.get_num_threads(), 1e-9)
 
 
 @dataclass
@@ -109,6 +133,7 @@ class StepResult:
     optimizer_s: float
     counted_gflop: float            # forward + backward, optimizer not counted
     step_times_s: list[float] = field(default_factory=list)
+    cpu_share: float = 1.0          # CPU time / (wall time × threads) over the timed steps
     optimizer: str = ""
     gflop_breakdown: dict[str, float] = field(default_factory=dict)
 
@@ -133,11 +158,12 @@ def measure_matmul(size: int, repeats: int) -> MatmulResult:
     for _ in range(3):                      # warm-up: thread pool, MKL buffers, clocks
         torch.mm(a, b, out=out)
     best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b, out=out)
-        best = min(best, time.perf_counter() - t0)
-    return MatmulResult(size, 2 * size**3 / best / 1e9, best, repeats)
+    with CpuShare() as share:
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            torch.mm(a, b, out=out)
+            best = min(best, time.perf_counter() - t0)
+    return MatmulResult(size, 2 * size**3 / best / 1e9, best, repeats, share.share)
 
 
 def make_adamw(model: nn.Module) -> tuple[torch.optim.Optimizer, str]:
@@ -174,6 +200,8 @@ def time_steps(model: nn.Module, loss_fn, steps: int, warmup: int, name: str, ba
     opt.zero_grad(set_to_none=True)
     fwd, bwd, upd, total = [], [], [], []
     for i in range(warmup + steps):
+        if i == warmup:
+            share = CpuShare().__enter__()
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
         loss = loss_fn()
@@ -189,11 +217,12 @@ def time_steps(model: nn.Module, loss_fn, steps: int, warmup: int, name: str, ba
             bwd.append(t2 - t1)
             upd.append(t3 - t2)
             total.append(t3 - t0)
+    share.__exit__()
     opt.zero_grad(set_to_none=True)
     params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return StepResult(name, params / 1e6, batch, img_size, tokens, statistics.median(total),
                       statistics.median(fwd), statistics.median(bwd), statistics.median(upd),
-                      gflop, total, opt_name, per_op)
+                      gflop, total, share.share, opt_name, per_op)
 
 
 def bench_pretrain_model(args, cfg) -> StepResult:
@@ -242,59 +271,75 @@ def bench_reference(args, cfg) -> StepResult:
 
 def format_table(mm: MatmulResult, rows: list[StepResult]) -> str:
     head = (f"{'model':<24} {'params':>8} {'img/s':>7} {'step ms':>9} {'fwd ms':>8} {'bwd ms':>8} "
-            f"{'optim ms':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} {'of mm':>6} {'fwd+bwd':>8}")
+            f"{'optim ms':>8} {'GFLOP/step':>10} {'GFLOP/s':>8} {'of mm':>6} {'fwd+bwd':>8} {'cpu':>5}")
     lines = [head, "-" * len(head)]
     for r in rows:
         lines.append(
             f"{r.name:<24} {r.params_m:>7.1f}M {r.images_per_s:>7.2f} {r.step_s * 1e3:>9.1f} "
             f"{r.forward_s * 1e3:>8.1f} {r.backward_s * 1e3:>8.1f} {r.optimizer_s * 1e3:>8.1f} "
-            f"{r.counted_gflop:>10.1f} {r.gflops_per_s:>8.1f} {r.gflops_per_s / mm.gflops_per_s:>6.1%} "
-            f"{r.compute_gflops_per_s / mm.gflops_per_s:>8.1%}")
+            f"{r.counted_gflop:>10.4g} {r.gflops_per_s:>8.1f} {r.gflops_per_s / mm.gflops_per_s:>6.1%} "
+            f"{r.compute_gflops_per_s / mm.gflops_per_s:>8.1%} {r.cpu_share:>5.0%}")
     lines.append(f"{f'fp32 mm {mm.size}^3':<24} {'':>8} {'':>7} {mm.seconds * 1e3:>9.1f} "
                  f"{'':>8} {'':>8} {'':>8} {2 * mm.size**3 / 1e9:>10.1f} {mm.gflops_per_s:>8.1f} "
-                 f"{1:>6.1%}")
+                 f"{1:>6.1%} {'':>8} {mm.cpu_share:>5.0%}")
     return "\n".join(lines)
 
 
 def run(args: argparse.Namespace) -> int:
-    from mirl_ds.config.loader import load_config
+    from mirl_ds.config.loader import ConfigError, load_config
 
     threads = args.threads or os.cpu_count() or 1
     torch.set_num_threads(threads)
     if args.batch < 1 or args.steps < 1 or args.warmup < 0:
         print("bench model: --batch and --steps must be at least 1, --warmup at least 0")
         return 2
-    cfg = load_config(None, [f"model.preset={args.preset}", f"objective.name={args.objective}",
-                             *args.overrides])
+    try:
+        cfg = load_config(None, [f"model.preset={args.preset}", f"objective.name={args.objective}",
+                                 *args.overrides])
+    except ConfigError as e:
+        print("bench model: " + "\n  ".join(e.problems))
+        return 2
 
     print(f"bench model: preset {args.preset}, objective {args.objective}, micro-batch {args.batch}, "
           f"{args.steps} timed step(s) after {args.warmup} warm-up, {threads} thread(s), "
           f"torch {torch.__version__}, {platform.processor() or platform.machine()}", flush=True)
-    mm = measure_matmul(args.matmul_size, args.matmul_repeats)
-    print(f"  fp32 matmul {args.matmul_size}^3: {mm.gflops_per_s:.1f} GFLOP/s", flush=True)
+    # The matmul rate is probed before, between and after the models and the best probe is
+    # kept: a probe slowed by a busy moment must not flatter the models' fraction.
+    probes = [measure_matmul(args.matmul_size, args.matmul_repeats)]
+    print(f"  fp32 matmul {args.matmul_size}^3: {probes[-1].gflops_per_s:.1f} GFLOP/s", flush=True)
     rows = [bench_pretrain_model(args, cfg)]
     print(f"  {rows[0].name}: {rows[0].step_s * 1e3:.1f} ms/step", flush=True)
     if not args.no_reference:
+        probes.append(measure_matmul(args.matmul_size, args.matmul_repeats))
         rows.append(bench_reference(args, cfg))
         print(f"  {rows[1].name}: {rows[1].step_s * 1e3:.1f} ms/step", flush=True)
-    # The matmul rate is re-measured after the models, and the better of the two is kept:
-    # a machine that throttles mid-run should not flatter the models.
-    mm2 = measure_matmul(args.matmul_size, args.matmul_repeats)
-    if mm2.gflops_per_s > mm.gflops_per_s:
-        mm = mm2
+    probes.append(measure_matmul(args.matmul_size, args.matmul_repeats))
+    mm = max(probes, key=lambda p: p.gflops_per_s)
 
     print()
     print(format_table(mm, rows))
     print()
     print(f"{rows[0].optimizer} step timed, its FLOPs not counted; 'of mm' = counted forward+backward "
           f"GFLOP / median full step / matmul rate; 'fwd+bwd' = the same without the optimizer's time.")
+    print("cpu = CPU time this process got / (wall time x threads) while timing; "
+          f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} core(s).")
+    busy = [r.name for r in rows if r.cpu_share < BUSY_SHARE] + (["matmul"] if mm.cpu_share < BUSY_SHARE else [])
+    if busy:
+        print(f"WARNING: the machine was busy while timing {', '.join(busy)} (cpu < {BUSY_SHARE:.0%}): other "
+              f"processes took cores, so the times and fractions are not trustworthy; re-run on an idle "
+              f"machine.")
     model = rows[0]
     frac = model.gflops_per_s / mm.gflops_per_s
     if len(rows) > 1:
-        print(f"reference: {rows[1].gflops_per_s / mm.gflops_per_s:.1%} of the matmul rate "
-              f"(the issue measured ~{ISSUE_REFERENCE_FRACTION:.0%} for plain timm ViT-B blocks)")
-    print(f"{model.name}: {frac:.1%} of the matmul rate (the issue's target for vit_b48 mirl at "
-          f"micro-batch 8: >= {ISSUE_TARGET_FRACTION:.0%})")
+        vit_b = args.preset in ("vit_base", "vit_b24", "vit_b48")
+        print(f"reference: {rows[1].gflops_per_s / mm.gflops_per_s:.1%} of the matmul rate"
+              + (f" (the issue measured ~{ISSUE_REFERENCE_FRACTION:.0%} for plain timm ViT-B blocks)"
+                 if vit_b else ""))
+    target = ""
+    if (args.preset, args.objective, args.batch) == ("vit_b48", "mirl", 8):
+        target = (f" — the issue's target is >= {ISSUE_TARGET_FRACTION:.0%}: "
+                  f"{'met' if frac >= ISSUE_TARGET_FRACTION else 'NOT met'}")
+    print(f"{model.name}: {frac:.1%} of the matmul rate{target}")
 
     if args.json is not None:
         payload = {
@@ -302,11 +347,13 @@ def run(args: argparse.Namespace) -> int:
             "steps": args.steps, "warmup": args.warmup, "threads": threads,
             "torch": torch.__version__, "machine": platform.machine(),
             "matmul": asdict(mm),
+            "matmul_probes_gflops_per_s": [p.gflops_per_s for p in probes],
             "models": [dict(asdict(r), images_per_s=r.images_per_s, gflops_per_s=r.gflops_per_s,
                             fraction_of_matmul=r.gflops_per_s / mm.gflops_per_s,
                             compute_fraction_of_matmul=r.compute_gflops_per_s / mm.gflops_per_s)
                        for r in rows],
             "optimizer_flops_counted": False,
+            "machine_busy": bool(busy),
         }
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(payload, indent=2) + "\n")
