@@ -1,5 +1,6 @@
-"""Image transforms. Pre-training: MAE's RandomResizedCrop(scale (0.2, 1), bicubic) + flip +
-normalise. Evaluation: resize to size/0.875, centre crop."""
+"""The demo's pre-training transform on an ImageFolder: MAE's RandomResizedCrop(scale (0.2, 1),
+bicubic) + flip + normalise. (Shards use ``decode.PretrainDecoder``; evaluation ``decode.EvalDecoder``
+and ``finetune_transforms``.)"""
 from torchvision import transforms as T
 
 from ..config.schema import DataConfig
@@ -12,7 +13,3 @@ def pretrain_transform(data: DataConfig, size: int) -> T.Compose:
         ops.append(T.RandomHorizontalFlip())
     return T.Compose(ops + [T.ToTensor(), T.Normalize(data.mean, data.std)])
 
-
-def eval_transform(data: DataConfig, size: int) -> T.Compose:
-    return T.Compose([T.Resize(int(size / 0.875), interpolation=T.InterpolationMode.BICUBIC),
-                      T.CenterCrop(size), T.ToTensor(), T.Normalize(data.mean, data.std)])

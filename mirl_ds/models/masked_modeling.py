@@ -8,7 +8,7 @@ from timm.utils import ModelEmaV3
 
 from .encoder import build_vit, embed_visible
 from .feature_loss import FeaturePredictor, info_nce_masked
-from .patches import patchify, random_masking, restore_sequence, unpatchify
+from .patches import patch_mean_std, patchify, random_masking, restore_sequence, unpatchify
 from .perceptual_loss import VGGPerceptualLoss, paste_visible
 from .presets import VitPreset
 from .targets import ReconstructionTarget, plain_target, zoom_in_target
@@ -142,8 +142,7 @@ class MaskedModeling(nn.Module):
         target patches' own mean and std, as MAE's visualisation does."""
         raw = patchify(imgs, self.patch)
         if self.norm_pix_loss:
-            mean = raw.mean(dim=-1, keepdim=True)
-            std = (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+            mean, std = patch_mean_std(raw)
             recon = recon * std + mean
         mask_img = unpatchify(batch.mask.unsqueeze(-1).expand(-1, -1, self.patch**2), self.patch, 1)
         fake = paste_visible(unpatchify(recon, self.patch, imgs.shape[1]), imgs, mask_img)

@@ -23,15 +23,20 @@ def unpatchify(x: torch.Tensor, patch: int, channels: int = 3) -> torch.Tensor:
     return x.reshape(n, channels, side * patch, side * patch)
 
 
-def normalised_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Per-patch normalised target ``(t - mean) / sqrt(var + eps)``.
+def patch_mean_std(patches: torch.Tensor, eps: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-patch mean and ``sqrt(var + eps)`` [N, L, 1] of [N, L, p*p*C] patches.
 
     The variance is the unbiased one (torch's and Paddle's default), exactly as MAE's
-    ``norm_pix_loss`` and the official MIRL code compute it.
+    ``norm_pix_loss`` and the official MIRL code compute it. Mapping a normalised prediction
+    back to pixels uses the same statistics.
     """
-    mean = patches.mean(dim=-1, keepdim=True)
-    var = patches.var(dim=-1, keepdim=True)
-    return (patches - mean) / (var + eps) ** 0.5
+    return patches.mean(dim=-1, keepdim=True), (patches.var(dim=-1, keepdim=True) + eps) ** 0.5
+
+
+def normalised_patches(patches: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Per-patch normalised target ``(t - mean) / sqrt(var + eps)``."""
+    mean, std = patch_mean_std(patches, eps)
+    return (patches - mean) / std
 
 
 def random_masking(num_samples: int, length: int, mask_ratio: float, device=None,

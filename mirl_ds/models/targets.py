@@ -10,7 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .patches import normalised_patches, patchify, unpatchify
+from .patches import normalised_patches, patch_mean_std, patchify, unpatchify
 
 
 @dataclass
@@ -86,7 +86,6 @@ def coarse_fine_targets(imgs: torch.Tensor, patch: int, sigma: float, eps: float
     band) patch targets. Both are scaled with the *image's* per-patch mean and std, so that
     coarse + fine is exactly the usual normalised target."""
     full = patchify(imgs, patch)
-    mean = full.mean(dim=-1, keepdim=True)
-    std = (full.var(dim=-1, keepdim=True) + eps) ** 0.5
+    mean, std = patch_mean_std(full, eps)
     coarse = patchify(gaussian_blur(imgs, sigma), patch)
     return (coarse - mean) / std, (full - coarse) / std

@@ -7,7 +7,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from ..models.masked_modeling import PretrainOutput
-from ..models.patches import patchify, unpatchify
+from ..models.patches import patch_mean_std, patchify, unpatchify
 
 COLUMNS = ("original", "masked", "reconstruction", "residual", "main component")
 
@@ -31,8 +31,7 @@ def quintuplet(imgs: torch.Tensor, out: PretrainOutput, patch: int) -> list[torc
     imgs = imgs.float().cpu()
     n = imgs.shape[0]  # may be the first rows of the batch ``out`` was computed on
     raw = patchify(imgs, patch)
-    mean = raw.mean(dim=-1, keepdim=True)
-    std = (raw.var(dim=-1, keepdim=True) + 1e-6) ** 0.5
+    mean, std = patch_mean_std(raw)
     preds = [p[:n].float().cpu() for p in out.preds]
     main, residual = preds[0], preds[-1]
     recon = main + residual if len(preds) > 1 else main
