@@ -20,8 +20,9 @@ from .viz.reconstruction import save_quintuplet_png
 log = get_logger()
 
 
-class NonFiniteLoss(RuntimeError):
-    pass
+class NonFiniteLoss(ValueError):
+    """The loss became NaN/Inf: a bad setting (usually the learning rate), reported by the CLI
+    as one sentence like every other bad-input error."""
 
 
 def demo_loader(cfg: RunConfig) -> DataLoader:

@@ -151,3 +151,8 @@ def test_check_config_writes_the_resolved_config(tmp_path):
     result = run_cli("check-config", "demo", "--write", str(out))
     assert result.returncode == 0, result.stderr
     assert load_config([str(out)], []) == load_config(["demo"], [])
+
+
+def test_exponent_numbers_without_a_dot_are_numbers():
+    cfg = load_config(None, ["optim.lr=1e-3", "optim.eps=1e-08", "objective.mask_ratio=5e-1"])
+    assert (cfg.optim.lr, cfg.optim.eps, cfg.objective.mask_ratio) == (1e-3, 1e-8, 0.5)

@@ -53,3 +53,12 @@ def test_demo_command_reports_bad_override_without_traceback(tmp_path):
                             capture_output=True, text=True, cwd=tmp_path)
     assert result.returncode == 2
     assert "objective.segments=3 is odd" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_non_finite_loss_stops_the_demo_with_one_sentence(tmp_path):
+    overrides = tiny_demo_overrides(tmp_path, 3) + ["optim.lr=1e30", "optim.warmup_epochs=0"]
+    result = subprocess.run([sys.executable, "-m", "mirl_ds", "demo", *overrides],
+                            capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "the loss became" in result.stderr and "lower optim.lr" in result.stderr
+    assert "Traceback" not in result.stderr
