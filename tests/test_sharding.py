@@ -201,6 +201,69 @@ def test_parallel_writers_give_byte_identical_output(tree, tmp_path):
     assert files_of(one) == files_of(two)
 
 
+def test_tar_members_writes_the_bytes_of_webdatasets_tarwriter(tmp_path):
+    import webdataset as wds
+
+    from mirl_ds.data.tar_members import TarMembers
+
+    rng = np.random.default_rng(3)
+    samples = [(f"k{i:03d}_" + "x" * int(rng.integers(0, 95)),
+                {"jpg": rng.bytes(int(rng.choice([0, 1, 511, 512, 513, 4000]))), "cls": str(i).encode()})
+               for i in range(40)]
+    samples.append(("k_long_" + "y" * 120, {"jpg": b"\xff" * 70, "cls": b"7"}))   # needs a PAX header
+    with open(tmp_path / "ours.tar", "wb", buffering=0) as f:
+        tm = TarMembers(f)
+        for key, fields in samples:
+            tm.add_sample(key, fields)
+        tm.close()
+    with open(tmp_path / "wds.tar", "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0) as tw:
+            for key, fields in samples:
+                tw.write({"__key__": key, **fields})
+    ours = (tmp_path / "ours.tar").read_bytes()
+    assert ours == (tmp_path / "wds.tar").read_bytes()
+    assert tm.size == len(ours) and tm.sha.hexdigest() == hashlib.sha256(ours).hexdigest()
+
+
+def test_a_failing_writer_stops_the_run_and_leaves_no_partial_shard(tree, tmp_path, monkeypatch):
+    root, _ = tree
+    dest = tmp_path / "dest"
+    real = sharding.check_jpeg
+    calls = []
+
+    def failing(data, verify="header"):
+        calls.append(1)
+        if len(calls) == 7:
+            raise RuntimeError("disk on fire")
+        return real(data, verify)
+
+    monkeypatch.setattr(sharding, "check_jpeg", failing)
+    with pytest.raises(RuntimeError, match="disk on fire"):
+        shard(root, dest, max_count=3, workers=2)
+    assert not list(dest.glob("*.partial"))
+    assert not (dest / "train.manifest.json").exists()
+    for side in dest.glob("*.done.json"):               # what finished is complete and resumable
+        assert (dest / side.name[: -len(".done.json")]).stat().st_size == json.loads(side.read_text())["bytes"]
+    monkeypatch.setattr(sharding, "check_jpeg", real)
+    ref = tmp_path / "ref"
+    shard(root, ref, max_count=3)
+    shard(root, dest, max_count=3, workers=2)
+    assert files_of(dest) == files_of(ref)
+
+
+def test_no_fsync_writes_the_same_shards(tree, tmp_path, monkeypatch):
+    root, _ = tree
+    synced = []
+    real_fsync = os.fsync
+    monkeypatch.setattr(sharding.os, "fsync", lambda fd: (synced.append(fd), real_fsync(fd)))
+    shard(root, tmp_path / "a", max_count=5)
+    n_synced = len(synced)
+    shard(root, tmp_path / "b", max_count=5, fsync=False)
+    assert n_synced == len(json.loads((tmp_path / "a" / "train.manifest.json").read_text())["shards"])
+    assert len(synced) == n_synced
+    assert files_of(tmp_path / "a") == files_of(tmp_path / "b")
+
+
 # ----------------------------------------------------------------------------- resume
 
 

@@ -4,18 +4,21 @@ One run, one process, ``torch.set_num_threads(1)``:
 
 1. Generate ``--images`` ImageNet-like JPEGs (about 500 x 375 in a few orientations/aspect
    ratios, quality 90, smooth random colour fields with edges and fine texture; numpy + PIL)
-   into a temporary ImageFolder tree of a few classes, and write the *same bytes* into
-   WebDataset tar shards (``wds.TarWriter``, ``jpg`` + ``cls``, docs/shard-format.md).
+   into a temporary ImageFolder tree of a few classes, and shard that tree with ``mirl-ds
+   shard`` (the same bytes, docs/shard-format.md, with a manifest).
 2. For each output size (``--size``, then ``--extra-sizes``, default 112 and 64), time full
    passes over the images, alternating the pipelines so they share the machine's state:
 
    * baseline: torchvision ``ImageFolder`` + ``RandomResizedCrop(size, scale=(0.2, 1),
      bicubic)`` + ``RandomHorizontalFlip`` + ``ToTensor`` + ``Normalize`` through a
      ``DataLoader(batch_size=64, num_workers=0)``;
-   * ours: ``wds.WebDataset(shards, shardshuffle=False).to_tuple('jpg', 'cls')`` ->
-     :class:`~mirl_ds.data.decode.PretrainDecoder` (JPEG draft) -> ``DataLoader(batch_size=64,
-     num_workers=0)`` collating uint8 -> :func:`~mirl_ds.data.decode.normalize_batch` (the
-     normalisation is timed too, into a fresh float32 batch each time);
+   * ours: the training input pipeline, :class:`~mirl_ds.data.stream.StreamingLoader` (batch 64,
+     ``num_workers=0``) over the shards with :class:`~mirl_ds.data.decode.PretrainDecoder`
+     (JPEG draft, crops seeded by stream position) -> uint8 batches.  That is what a data
+     worker produces; the trainer normalises the batch on the accelerator;
+   * ours + normalise: the same plus :func:`~mirl_ds.data.decode.normalize_batch` on this CPU
+     (into a fresh float32 batch each time), the counterpart of the baseline's per-image
+     ``ToTensor`` + ``Normalize`` for a CPU-only trainer;
    * ours without draft (``PretrainDecoder(draft=False)``), to show what the draft itself buys.
 
    Each pipeline's rate is taken from the best of ``--repeats`` passes (other processes on a
@@ -117,41 +120,34 @@ class Dataset:
     images: int
     mean_bytes: float
     mean_pixels: float
+    manifest: str          # the shards' manifest (mirl-ds shard)
 
 
 def write_dataset(out: Path, images: int, classes: int, shard_size: int, seed: int,
                   min_shards: int = 1) -> Dataset:
-    """Generate the JPEGs once; write them as an ImageFolder tree and as tar shards."""
+    """Generate the JPEGs once as an ImageFolder tree, then shard that tree with ``mirl-ds shard``
+    (:func:`mirl_ds.data.sharding.shard_dataset`): the same bytes, in the product's shard format."""
     import numpy as np
-    import webdataset as wds
     from PIL import Image
 
+    from mirl_ds.data.sharding import shard_dataset
+
     root, shard_dir = out / "imagefolder", out / "shards"
-    shard_dir.mkdir(parents=True, exist_ok=True)
     for c in range(classes):
         (root / f"class_{c:02d}").mkdir(parents=True, exist_ok=True)
+    total_bytes, total_px = 0, 0
+    for k in range(images):
+        rng = np.random.default_rng([seed, k])
+        data = make_jpeg(rng)
+        (root / f"class_{k % classes:02d}" / f"img_{k:06d}.JPEG").write_bytes(data)
+        total_bytes += len(data)
+        with Image.open(io.BytesIO(data)) as im:
+            total_px += im.size[0] * im.size[1]
     per_shard = max(1, min(shard_size, -(-images // max(1, min_shards))))
-    shards, writer, total_bytes, total_px = [], None, 0, 0
-    try:
-        for k in range(images):
-            rng = np.random.default_rng([seed, k])
-            data = make_jpeg(rng)
-            cls = k % classes
-            key = f"img_{k:06d}"
-            (root / f"class_{cls:02d}" / f"{key}.JPEG").write_bytes(data)
-            if k % per_shard == 0:
-                if writer is not None:
-                    writer.close()
-                shards.append(str(shard_dir / f"bench-{len(shards):06d}.tar"))
-                writer = wds.TarWriter(shards[-1])
-            writer.write({"__key__": key, "jpg": data, "cls": cls})
-            total_bytes += len(data)
-            with Image.open(io.BytesIO(data)) as im:
-                total_px += im.size[0] * im.size[1]
-    finally:
-        if writer is not None:
-            writer.close()
-    return Dataset(root, shards, images, total_bytes / images, total_px / images)
+    result = shard_dataset(root, shard_dir, prefix="bench", max_count=per_shard, seed=seed, progress=False)
+    manifest = result["manifest"]
+    return Dataset(root, [str(shard_dir / sh["name"]) for sh in manifest["shards"]], images,
+                   total_bytes / images, total_px / images, str(shard_dir / "bench.manifest.json"))
 
 
 # -- pipelines -------------------------------------------------------------------------------
@@ -193,27 +189,31 @@ def baseline_loader(ds: Dataset, size: int, batch: int, workers: int):
     return run_pass
 
 
-def ours_loader(ds: Dataset, size: int, batch: int, workers: int, draft: bool, seed: int):
-    import torch
-    import webdataset as wds
-
+def ours_loader(ds: Dataset, size: int, batch: int, workers: int, draft: bool, seed: int,
+                normalize: bool = False):
+    """The training input pipeline: :class:`~mirl_ds.data.stream.StreamingLoader` over the
+    shards (position-seeded crops, fixed uint8 batches), decoding with
+    :class:`~mirl_ds.data.decode.PretrainDecoder`.  Its product is the uint8 batch a data worker
+    hands to the trainer, which normalises it on the accelerator; ``normalize=True`` also runs
+    :func:`~mirl_ds.data.decode.normalize_batch` here on the CPU (into a fresh float32 batch),
+    to show what the per-image ``ToTensor`` + ``Normalize`` of the baseline would cost us."""
     from mirl_ds.data.decode import PretrainDecoder, normalize_batch
+    from mirl_ds.data.stream import SampleDecoder, StreamingLoader
 
     decoder = PretrainDecoder(size, scale=(0.2, 1.0), seed=seed, draft=draft)
-    dataset = (wds.WebDataset(ds.shards, shardshuffle=False, empty_check=False)
-               .to_tuple("jpg", "cls").map_tuple(decoder, int))
-    dataset.bench_decoder = decoder
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch,
-                                         num_workers=workers if workers > 1 else 0,
-                                         worker_init_fn=_worker_init if workers > 1 else None)
+    loader = StreamingLoader(ds.manifest, batch_size=batch, num_workers=workers if workers > 1 else 0,
+                             seed=seed, decode=SampleDecoder(decoder))
 
     def run_pass() -> int:
         n = 0
-        for x, _y in loader:
-            x = normalize_batch(x, MEAN, STD)
+        for b in loader:                 # one epoch: every full batch of the shards
+            x = b["images"]
+            if normalize:
+                x = normalize_batch(x, MEAN, STD)
             n += x.shape[0]
         return n
     run_pass.decoder = decoder
+    run_pass.expected = loader.epoch_steps * batch
     return run_pass
 
 
@@ -223,9 +223,11 @@ def ours_loader(ds: Dataset, size: int, batch: int, workers: int, draft: bool, s
 class Row:
     size: int
     baseline: float                  # images per second per core (see the module docstring)
-    ours: float
+    ours: float                      # uint8 batches: what a data worker delivers
+    ours_norm: float                 # + normalize_batch on the CPU
     ours_no_draft: float
     ratio: float                     # ours / baseline
+    ratio_norm: float
     ratio_no_draft: float
     wall_ratio: float                # the same ratio from wall-clock times
     draft_share: dict = field(default_factory=dict)   # draft factor -> fraction of samples
@@ -237,8 +239,10 @@ def measure_size(ds: Dataset, size: int, args) -> Row:
     pipes = {
         "baseline": baseline_loader(ds, size, args.batch, args.workers),
         "ours": ours_loader(ds, size, args.batch, args.workers, True, args.seed),
+        "ours_norm": ours_loader(ds, size, args.batch, args.workers, True, args.seed, normalize=True),
         "ours_no_draft": ours_loader(ds, size, args.batch, args.workers, False, args.seed),
     }
+    expected = {k: getattr(fn, "expected", ds.images) for k, fn in pipes.items()}
     for fn in pipes.values():  # warm-up: imports, page cache, allocator
         fn()
     if args.workers <= 1:
@@ -249,23 +253,25 @@ def measure_size(ds: Dataset, size: int, args) -> Row:
             c0, t0 = time.process_time(), time.perf_counter()
             n = fn()
             passes[name].append((time.perf_counter() - t0, time.process_time() - c0))
-            if n != ds.images:
-                raise RuntimeError(f"pipeline {name} yielded {n} images, expected {ds.images}")
+            if n != expected[name]:
+                raise RuntimeError(f"pipeline {name} yielded {n} images, expected {expected[name]}")
     single = args.workers <= 1
     # one process: images per CPU-second of the process (per core, robust to other processes
-    # taking the core away); N workers: wall-clock rate / N
+    # taking the core away); N workers: wall-clock rate / N.  The streaming loader drops the
+    # last partial batch, so each pipeline's rate uses its own image count.
     if single:
-        rate = {k: ds.images / min(c for _, c in v) for k, v in passes.items()}
+        rate = {k: expected[k] / min(c for _, c in v) for k, v in passes.items()}
     else:
-        rate = {k: ds.images / min(w for w, _ in v) / args.workers for k, v in passes.items()}
-    wall_rate = {k: ds.images / min(w for w, _ in v) for k, v in passes.items()}
+        rate = {k: expected[k] / min(w for w, _ in v) / args.workers for k, v in passes.items()}
+    wall_rate = {k: expected[k] / min(w for w, _ in v) for k, v in passes.items()}
     wall = sum(w for v in passes.values() for w, _ in v)
     cpu = sum(c for v in passes.values() for _, c in v)
     counts = pipes["ours"].decoder.draft_counts if single else {}
     total = sum(counts.values()) or 1
-    return Row(size=size, baseline=rate["baseline"], ours=rate["ours"],
+    return Row(size=size, baseline=rate["baseline"], ours=rate["ours"], ours_norm=rate["ours_norm"],
                ours_no_draft=rate["ours_no_draft"],
                ratio=rate["ours"] / rate["baseline"],
+               ratio_norm=rate["ours_norm"] / rate["baseline"],
                ratio_no_draft=rate["ours_no_draft"] / rate["baseline"],
                wall_ratio=wall_rate["ours"] / wall_rate["baseline"],
                draft_share={int(s): counts[s] / total for s in sorted(counts)},
@@ -299,14 +305,15 @@ def _pct(fraction: float) -> str:
 
 def format_table(rows: list[Row]) -> str:
     head = (f"{'size':>5} {'baseline img/s':>15} {'ours img/s':>11} {'ratio':>6} "
-            f"{'(wall)':>6} {'no-draft img/s':>15} {'ratio':>6}  {'draft 1/2/4/8 share':<20} "
-            f"{'cpu':>4}")
+            f"{'(wall)':>6} {'+normalise':>11} {'ratio':>6} {'no-draft':>9} {'ratio':>6}  "
+            f"{'draft 1/2/4/8 share':<20} {'cpu':>4}")
     lines = [head, "-" * len(head)]
     for r in rows:
         share = "/".join(_pct(r.draft_share.get(s, 0.0)) for s in (1, 2, 4, 8)) \
             if r.draft_share else "n/a"
         lines.append(f"{r.size:>5} {r.baseline:>15.1f} {r.ours:>11.1f} {r.ratio:>5.2f}x "
-                     f"{r.wall_ratio:>5.2f}x {r.ours_no_draft:>15.1f} {r.ratio_no_draft:>5.2f}x  "
+                     f"{r.wall_ratio:>5.2f}x {r.ours_norm:>11.1f} {r.ratio_norm:>5.2f}x "
+                     f"{r.ours_no_draft:>9.1f} {r.ratio_no_draft:>5.2f}x  "
                      f"{share:<20} " + (f"{100 * r.cpu_share:>3.0f}%" if r.cpu_share is not None
                                         else " n/a"))
     return "\n".join(lines)
@@ -353,10 +360,11 @@ def run(args: argparse.Namespace) -> int:
     rate_note = ("img/s per core = images / CPU seconds of the process, best pass" if args.workers <= 1
                  else f"img/s per worker = wall-clock images/s / {args.workers}, best pass")
     print(f"{rate_note}; ratio = ours / baseline ((wall): the same from wall-clock time). "
-          "baseline = torchvision ImageFolder + RandomResizedCrop(bicubic) + flip + ToTensor + Normalize; ours = WebDataset tar -> "
-          "PretrainDecoder (JPEG draft where the crop keeps >= size px per side) -> uint8 batch -> "
-          "normalize_batch; no-draft = ours with draft=False. draft share = fraction of samples "
-          "decoded at 1/1, 1/2, 1/4, 1/8.")
+          "baseline = torchvision ImageFolder + RandomResizedCrop(bicubic) + flip + ToTensor + Normalize; "
+          "ours = StreamingLoader over `mirl-ds shard` shards -> PretrainDecoder (JPEG draft where the "
+          "crop keeps >= size px per side) -> uint8 batch, what a data worker hands the trainer (which "
+          "normalises on the accelerator); +normalise = ours + normalize_batch on this CPU; no-draft = "
+          "ours with draft=False. draft share = fraction of samples decoded at 1/1, 1/2, 1/4, 1/8.")
     print(f"load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} core(s).")
     busy = [str(r.size) for r in rows if r.cpu_share is not None and r.cpu_share < 0.9]
     if busy:

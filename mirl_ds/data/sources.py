@@ -271,20 +271,27 @@ def list_imagefolder(folder: str | os.PathLike, classes_file: str | os.PathLike 
         names = [table[w]["name"] if w in table else None for w in wnids]
     else:
         names = _names_from_classes_json(folder, len(wnids)) or list(wnids)
-    paths: list[Path] = []
+    # Plain strings, one relative-path computation per folder: ImageNet's 1.28M files would take
+    # a minute through pathlib objects.
+    paths: list[str] = []
+    rels: list[str] = []
+    stems: list[str] = []
     labels: list[int] = []
     for ci, wnid in enumerate(wnids):
         for dirpath, dirnames, filenames in os.walk(folder / wnid, followlinks=True):
             dirnames.sort()
+            rel_dir = _rel(Path(dirpath), base)
             for fn in sorted(filenames):
                 if _is_image(fn):
-                    paths.append(Path(dirpath) / fn)
+                    paths.append(os.path.join(dirpath, fn))
+                    rels.append(f"{rel_dir}/{fn}")
+                    stems.append(os.path.splitext(fn)[0])
                     labels.append(ci)
     if not paths:
         raise ValueError(f"no images found under {folder} (looked for {', '.join(IMAGE_EXTENSIONS)} files "
                          "in its class folders)")
-    keys = make_keys([p.stem for p in paths], [wnids[c] for c in labels])
-    samples = [Sample(k, str(p), c, _rel(p, base)) for k, p, c in zip(keys, paths, labels)]
+    keys = make_keys(stems, [wnids[c] for c in labels])
+    samples = [Sample(k, p, c, r) for k, p, c, r in zip(keys, paths, labels, rels)]
     classes = [{"index": i, "wnid": w, "name": n} for i, (w, n) in enumerate(zip(wnids, names))]
     return SourceListing(kind, str(base), split, None, samples, classes)
 

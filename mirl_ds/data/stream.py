@@ -45,7 +45,6 @@ import http.client
 import io
 import logging
 import os
-import re
 import tarfile
 import time
 import urllib.error
@@ -60,6 +59,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mirl_ds.data.manifest import Manifest, is_remote, load_manifest
+from mirl_ds.data.tar_reader import iter_samples
 
 log = logging.getLogger("mirl_ds")
 
@@ -78,9 +78,6 @@ __all__ = [
 SKIP_REASONS = ("decode_error", "missing_field", "truncated_shard", "missing_shard")
 REMOTE_READ_RETRIES = 3  # re-opens of an http(s)/s3 shard whose read fails mid-way
 STATE_VERSION = 1
-
-# WebDataset's key/extension split: the key is everything up to the first dot of the basename.
-_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
 
 
 # --------------------------------------------------------------------------------------------
@@ -214,29 +211,6 @@ def open_shard(url: str, attempts: int = 4):
     return wds.gopen(url, "rb")
 
 
-def _iter_tar_samples(fileobj, skip: int = 0) -> Iterator[tuple[str, dict[str, bytes]]]:
-    """Group consecutive tar members by key; the first `skip` samples are passed over without
-    reading their members' data into memory (and nothing is ever decoded here)."""
-    tf = tarfile.open(fileobj=fileobj, mode="r|*")
-    index, key, cur = -1, None, None
-    for member in tf:
-        if not member.isreg():
-            continue
-        m = _KEY_RE.match(member.name)
-        if m is None:
-            continue
-        mkey, ext = m.group(1), m.group(2).lower()
-        if mkey != key:
-            if cur is not None:
-                yield key, cur
-            index, key = index + 1, mkey
-            cur = {} if index >= skip else None
-        if cur is not None:
-            cur[ext] = tf.extractfile(member).read()
-    if cur is not None:
-        yield key, cur
-
-
 class _Bad:
     __slots__ = ("reason",)
 
@@ -279,7 +253,7 @@ class _WorkerStream:
             error = None
             try:
                 if got < n:
-                    for key, sample in _iter_tar_samples(f, skip=offset + got):
+                    for key, sample in iter_samples(f, skip=offset + got):
                         yield key, sample, url
                         got += 1
                         if got == n:
