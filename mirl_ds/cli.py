@@ -1,5 +1,8 @@
 """``mirl-ds``: one console command, one subcommand per job."""
 import argparse
+import os
+import shlex
+import shutil
 import sys
 
 from .config import ConfigError, dump_config, load_config
@@ -37,6 +40,48 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_launch(args) -> int:
+    from .engine.launch import build_launch_command
+    cmd = build_launch_command(
+        args.config, args.overrides, args.deepspeed_config, hostfile=args.hostfile,
+        include=args.include, exclude=args.exclude, num_gpus=args.num_gpus,
+        num_nodes=args.num_nodes, master_addr=args.master_addr, master_port=args.master_port,
+        no_ssh=args.no_ssh, node_rank=args.node_rank)
+    print(shlex.join(cmd), flush=True)  # flushed: exec replaces the process and its buffers
+    if args.dry_run:
+        return 0
+    # The venv's bin/ may not be on PATH when run as `.venv/bin/python -m mirl_ds`.
+    sibling = os.path.join(os.path.dirname(sys.executable), cmd[0])
+    exe = shutil.which(cmd[0]) or (sibling if os.access(sibling, os.X_OK) else None)
+    if exe is None:
+        raise ValueError("the deepspeed launcher is not on PATH; activate the environment "
+                         "where deepspeed is installed")
+    # exec, not subprocess: deepspeed becomes this process, so Ctrl-C and SIGTERM reach it
+    # (and it forwards them to every rank) with no wrapper in between.
+    os.execvp(exe, cmd)
+    return 0  # not reached
+
+
+def add_launch_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="run config overrides")
+    p.add_argument("--config", action="append", required=True, metavar="YAML",
+                   help="run config (path or shipped name); repeat to merge several")
+    p.add_argument("--deepspeed_config", required=True, metavar="JSON",
+                   help="DeepSpeed config, e.g. ds_configs/cpu_test.json (see ds_configs/README.md)")
+    p.add_argument("--hostfile", help="DeepSpeed hostfile, e.g. hostfiles/localhost")
+    p.add_argument("--include", help="slots to use: host1:0,1@host2 (DeepSpeed syntax)")
+    p.add_argument("--exclude", help="slots to leave out: host1:0@host2 (DeepSpeed syntax)")
+    p.add_argument("--num_gpus", type=int, help="ranks per node")
+    p.add_argument("--num_nodes", type=int, help="use the first N hosts of the hostfile")
+    p.add_argument("--master_addr", help="address of node 0")
+    p.add_argument("--master_port", type=int, help="port of node 0's rendezvous")
+    p.add_argument("--no_ssh", action="store_true",
+                   help="start this node only (run the same command on every node)")
+    p.add_argument("--node_rank", type=int, help="this node's index (with --no_ssh)")
+    p.add_argument("--dry-run", action="store_true",
+                   help="check everything and print the deepspeed command without running it")
+
+
 def cmd_bench(args) -> int:
     return args.bench_run(args)
 
@@ -62,6 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("items", nargs="*", metavar="YAML|key=value", help="default: the shipped demo config")
     p.add_argument("--steps", type=int, help="stop after this many steps")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("launch", aliases=["pretrain"],
+                       help="check the run + DeepSpeed configs, then start `deepspeed` on them",
+                       description="Reconcile the YAML run config, the hostfile and the DeepSpeed "
+                                   "JSON for the world size to launch, print the deepspeed "
+                                   "command and run it.")
+    add_launch_arguments(p)
+    p.set_defaults(func=cmd_launch)
 
     from .data import sharding
     p = sub.add_parser("shard", help="write WebDataset tar shards + manifest (local or s3://)")

@@ -7,3 +7,4 @@ if _here not in sys.path:
     sys.path.insert(0, _here)
 
 from s3_server import s3_server  # noqa: E402,F401  (session fixture: a real SeaweedFS S3 endpoint)
+from ssh_cluster import ssh_cluster  # noqa: E402,F401  (session fixture: a two-host sshd on 127.0.0.1/.2)

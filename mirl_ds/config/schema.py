@@ -78,8 +78,11 @@ class ObjectiveConfig:
 
 @dataclass
 class DataConfig:
-    source: str = "synthetic"            # synthetic | imagefolder
+    source: str = "synthetic"            # synthetic | imagefolder | shards
     root: str = "runs/data/synthetic"    # ImageFolder root (train/ and val/ inside)
+    # source "shards": the manifest `mirl-ds shard` wrote (local path, http(s):// or s3://);
+    # the DeepSpeed engine streams these, split by data-parallel rank.
+    shards: str | None = None
     synthetic: SyntheticSpec = field(default_factory=SyntheticSpec)
     micro_batch_size: int = 32           # per data-parallel rank and step
     num_workers: int = 0
@@ -122,6 +125,16 @@ class LoggingConfig:
 
 
 @dataclass
+class ParallelConfig:
+    # Pipeline stages per model replica; each stage holds whole MIRL segments (encoder blocks +
+    # that segment's decoder), so it must divide G.  Data-parallel degree = world size / this.
+    pipeline_stages: int = 1
+    # Recompute each segment's encoder blocks in the backward pass (non-reentrant): activation
+    # memory of a segment instead of all of them, for ~1/3 more compute.
+    activation_checkpointing: bool = False
+
+
+@dataclass
 class RunConfig:
     name: str = "mirl"
     seed: int = 0
@@ -131,3 +144,4 @@ class RunConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)

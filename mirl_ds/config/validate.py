@@ -8,7 +8,7 @@ from ..models.presets import PRESETS, VitPreset
 from .schema import RunConfig
 
 OBJECTIVES = ("mae", *SEGMENTED_OBJECTIVES)
-DATA_SOURCES = ("synthetic", "imagefolder")
+DATA_SOURCES = ("synthetic", "imagefolder", "shards")
 SCHEDULES = ("cosine", "step")
 
 
@@ -133,6 +133,9 @@ def _data_problems(cfg: RunConfig) -> list[str]:
     d, p = cfg.data, []
     if d.source not in DATA_SOURCES:
         p.append(f"data.source={d.source!r} is not one of {', '.join(DATA_SOURCES)}")
+    if d.source == "shards" and not d.shards:
+        p.append("data.source=shards needs data.shards: the manifest written by `mirl-ds shard` "
+                 "(e.g. shards/synthetic/train.manifest.json)")
     try:
         d.synthetic.validate()
     except ValueError as e:

@@ -92,6 +92,12 @@ class MaskedModeling(nn.Module):
     # -- batch preparation ---------------------------------------------------------------
     def prepare(self, imgs: torch.Tensor, generator: torch.Generator | None = None) -> MaskedBatch:
         """Degrade, draw the masks and build the reconstruction target for a clean batch."""
+        inputs, ids_keep, ids_restore, mask = self.degrade_and_mask(imgs, generator)
+        return MaskedBatch(inputs, ids_keep, ids_restore, mask, self.make_target(imgs, mask))
+
+    def degrade_and_mask(self, imgs: torch.Tensor, generator: torch.Generator | None = None):
+        """The encoder's input and the mask: ``(inputs, ids_keep, ids_restore, mask)``.  A
+        pipeline's first stage runs this; the last builds the target with :meth:`make_target`."""
         inputs = imgs if self.degradation is None else self.degradation(imgs, generator=generator)
         n = inputs.shape[0]
         length = (inputs.shape[-1] // self.patch) ** 2
@@ -102,13 +108,14 @@ class MaskedModeling(nn.Module):
             ids_keep = None
             ids_restore = torch.arange(length, device=inputs.device).expand(n, -1)
             mask = torch.zeros(n, length, device=inputs.device)
+        return inputs, ids_keep, ids_restore, mask
+
+    def make_target(self, imgs: torch.Tensor, mask: torch.Tensor) -> ReconstructionTarget:
         if self.zoom_in is None:
-            target = plain_target(imgs, self.patch, mask, self.norm_pix_loss)
-        else:
-            z = self.zoom_in
-            target = zoom_in_target(imgs, self.patch, z.input_size, mask, self.norm_pix_loss,
-                                    z.centre_weight, z.border_weight)
-        return MaskedBatch(inputs, ids_keep, ids_restore, mask, target)
+            return plain_target(imgs, self.patch, mask, self.norm_pix_loss)
+        z = self.zoom_in
+        return zoom_in_target(imgs, self.patch, z.input_size, mask, self.norm_pix_loss,
+                              z.centre_weight, z.border_weight)
 
     def embed(self, batch: MaskedBatch) -> torch.Tensor:
         """z_0 [N, 1+K, D]: visible tokens + position embedding, cls in front."""

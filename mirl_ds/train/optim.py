@@ -5,7 +5,8 @@ from timm.optim import param_groups_weight_decay
 from ..config.schema import OptimConfig
 
 # Tokens and position embeddings carry no weight decay (SPEC §3), besides 1-D params and biases.
-NO_WEIGHT_DECAY = ("*cls_token", "*mask_token", "*pos_embed")
+NO_WEIGHT_DECAY = ("*cls_token", "*mask_token", "*pos_embed",
+                   "*mask_token.weight")   # the pipeline's tied mask-token module
 
 
 def build_optimizer(model: torch.nn.Module, optim: OptimConfig, lr: float) -> torch.optim.AdamW:

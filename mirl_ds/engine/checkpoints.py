@@ -1,0 +1,98 @@
+"""DeepSpeed checkpoints with the project's state, pruning, and falling back past a damaged one.
+
+Layout: ``<checkpoint.dir>/global_step<N>/`` (DeepSpeed's own files: ``mp_rank_*`` or
+``layer_*``, ZeRO shards) and DeepSpeed's ``latest`` file naming the newest tag.  The project's
+state rides in ``client_state["mirl_ds"]``: step, epoch, every data-parallel rank's loader
+position, the resolved config text and the seed.  DeepSpeed writes ``client_state`` once per
+model replica group, so loader positions of all data-parallel ranks are gathered before saving.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+
+import torch.distributed as dist
+
+from ..log import get_logger
+
+log = get_logger()
+CLIENT_KEY = "mirl_ds"
+_TAG_RE = re.compile(r"^global_step(\d+)$")
+
+
+class NoCheckpoint(FileNotFoundError):
+    pass
+
+
+def tag_for(step: int) -> str:
+    return f"global_step{step}"
+
+
+def list_tags(ckpt_dir: str) -> list[str]:
+    """Checkpoint tags in ``ckpt_dir``, newest first."""
+    if not os.path.isdir(ckpt_dir):
+        return []
+    tags = [(int(m.group(1)), d) for d in os.listdir(ckpt_dir)
+            if (m := _TAG_RE.match(d)) and os.path.isdir(os.path.join(ckpt_dir, d))]
+    return [d for _, d in sorted(tags, reverse=True)]
+
+
+def save(engine, ckpt_dir: str, step: int, state: dict, keep_last: int) -> str:
+    """Save on every rank (collective), then rank 0 removes all but the newest ``keep_last``."""
+    tag = tag_for(step)
+    engine.save_checkpoint(ckpt_dir, tag=tag, client_state={CLIENT_KEY: state})
+    dist.barrier()
+    if dist.get_rank() == 0 and keep_last > 0:
+        for old in list_tags(ckpt_dir)[keep_last:]:
+            shutil.rmtree(os.path.join(ckpt_dir, old), ignore_errors=True)
+    dist.barrier()
+    return tag
+
+
+def load(engine, ckpt_dir: str, resume: str) -> dict | None:
+    """Resume per ``checkpoint.resume``: ``none`` -> None; ``auto`` -> the newest loadable tag in
+    ``ckpt_dir`` (None if there is none); a path -> that checkpoint folder (``<dir>/<tag>``) or a
+    checkpoint dir (its ``latest``).  A tag that fails to load is skipped with a warning and the
+    previous one tried (all ranks agree: a failure anywhere counts for all)."""
+    if resume == "none":
+        return None
+    if resume == "auto":
+        base, tags = ckpt_dir, list_tags(ckpt_dir)
+        if not tags:
+            return None
+    else:
+        path = os.path.abspath(resume)
+        if _TAG_RE.match(os.path.basename(path)) and os.path.isdir(path):
+            base, tags = os.path.dirname(path), [os.path.basename(path)]
+        else:
+            base, tags = path, list_tags(path)
+            if not tags:
+                raise NoCheckpoint(f"checkpoint.resume={resume}: no global_step<N> checkpoint in {path}; "
+                                   f"point it at a checkpoint folder, or use resume: auto / none")
+    for i, tag in enumerate(tags):
+        error = None
+        try:
+            _, client = engine.load_checkpoint(base, tag=tag)
+            state = (client or {}).get(CLIENT_KEY)
+            if state is None:
+                error = "it holds no mirl_ds state (not written by mirl_ds.pretrain)"
+        except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the previous one
+            error = f"{type(e).__name__}: {e}"
+        flag = _any_rank(error is not None)
+        if not flag:
+            return state
+        if dist.get_rank() == 0:
+            log.warning("checkpoint %s/%s could not be loaded (%s); %s", base, tag,
+                        error or "failed on another rank",
+                        f"falling back to {tags[i + 1]}" if i + 1 < len(tags) else "no older one left")
+    raise NoCheckpoint(f"none of the checkpoints in {base} ({', '.join(tags)}) could be loaded; "
+                       f"start afresh with checkpoint.resume=none or point it at a good one")
+
+
+def _any_rank(flag: bool) -> bool:
+    import torch
+
+    t = torch.tensor([1 if flag else 0])
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())

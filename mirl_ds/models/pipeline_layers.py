@@ -1,0 +1,156 @@
+"""A :class:`SegmentedAutoencoder` cut into a flat sequence of layers for pipeline parallelism.
+
+Layer ``2g`` is the shared mask token (tied across stages by the pipeline engine), layer
+``2g + 1`` is segment g: its encoder blocks and its decoder (segment 0 also holds the patch
+embedding, the masking and the first memory).  A stage therefore always holds whole segments
+when the layers are split evenly into a number of stages that divides G.
+
+Between layers flows one flat tuple of tensors whose shapes are fixed for a given boundary
+(pipeline engines send shapes once):
+
+    (x, ids_restore, mask, m_g, …, m_0, ŷ_0, …, ŷ_g)
+
+* ``x`` [N, 1+K, D] — the running encoder tokens;
+* ``ids_restore`` [N, L] and ``mask`` [N, L] — integer tensors (int64), no gradient;
+* ``m_g … m_0`` [N, 1+K, d] — the memories the deeper decoders cross-attend to (none without DID);
+* ``ŷ_0 … ŷ_g`` [N, L, p²C] — every prediction so far, for the loss on the last stage.
+
+Every floating tensor that crosses a boundary is used further on, so each gets a gradient
+(DeepSpeed's pipeline engine asserts that).  The first layer takes ``(images, seed)``; ``seed``
+([1] int64) seeds the generator of the degradation and the mask, so a pipelined and a plain
+model given the same seed see the same masks.  The last layer returns ``(mask, ŷ_0, …,
+ŷ_{G-1})`` and :class:`LossHead` turns that and the clean images into the loss.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from .encoder import embed_visible
+from .masked_modeling import MaskedBatch, MaskedModeling
+from .mirl import SegmentedAutoencoder
+
+
+class MaskToken(nn.Module):
+    """The decoders' shared mask token as a module whose ``weight`` the pipeline ties."""
+
+    def __init__(self, value: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(value.detach().clone())
+
+
+def append_mask_token(module: MaskToken, inputs: tuple) -> tuple:
+    """Forward of the tied mask-token layer: hand the token to the segment layer after it
+    (same stage: it never crosses a boundary)."""
+    return (*inputs, module.weight)
+
+
+class SegmentLayer(nn.Module):
+    """Segment g of the model; parameter names follow the model's (see :meth:`model_key`)."""
+
+    def __init__(self, model: SegmentedAutoencoder, g: int, checkpoint_blocks: bool = False):
+        super().__init__()
+        self.g, self.num_segments = g, model.num_segments
+        self.lo, _ = model.segment_bounds[g]
+        self.blocks = nn.ModuleList(model.encoder.blocks[slice(*model.segment_bounds[g])])
+        self.norm = model.segment_norm(g)
+        self.decoder = model.decoders[g]
+        self.decoder_pos_embed = nn.Parameter(model.decoder_pos_embed.detach().clone(), requires_grad=False)
+        self.uses_memory = model.uses_memory
+        self.checkpoint_blocks = checkpoint_blocks
+        if g == 0:
+            enc = model.encoder
+            self.patch_embed, self.cls_token, self.pos_embed = enc.patch_embed, enc.cls_token, enc.pos_embed
+            if model.uses_memory:
+                self.norm_low, self.decoder_embed0 = model.norm_low, model.decoder_embed0
+            self.degradation = model.degradation
+            self.mask_ratio, self.patch = model.mask_ratio, model.patch
+
+    # -- names ---------------------------------------------------------------------------
+    def model_key(self, key: str) -> str:
+        """This layer's state-dict key -> the :class:`SegmentedAutoencoder` key it mirrors."""
+        head, _, rest = key.partition(".")
+        if head == "blocks":
+            i, _, rest = rest.partition(".")
+            return f"encoder.blocks.{self.lo + int(i)}.{rest}"
+        if head == "norm":
+            last = self.g == self.num_segments - 1
+            return f"encoder.norm.{rest}" if last else f"segment_norms.{self.g}.{rest}"
+        if head == "decoder":
+            return f"decoders.{self.g}.{rest}"
+        if head in ("patch_embed", "cls_token", "pos_embed"):
+            return f"encoder.{key}"
+        return key      # decoder_pos_embed, norm_low, decoder_embed0, degradation.*
+
+    # -- forward -------------------------------------------------------------------------
+    def _first(self, imgs: torch.Tensor, seed: torch.Tensor):
+        generator = torch.Generator(device=imgs.device).manual_seed(int(seed.reshape(-1)[0]))
+        inputs, ids_keep, ids_restore, mask = MaskedModeling.degrade_and_mask(self, imgs, generator)
+        x = embed_visible(self, inputs, ids_keep)
+        memories = [self.decoder_embed0(self.norm_low(x))] if self.uses_memory else []
+        return x, ids_restore.long(), mask.long(), memories, []
+
+    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
+        for blk in self.blocks:
+            # Non-reentrant: the reentrant implementation breaks on multi-tensor stage outputs.
+            x = checkpoint(blk, x, use_reentrant=False) if self.checkpoint_blocks and self.training else blk(x)
+        return x
+
+    def forward(self, inputs: tuple) -> tuple:
+        *inputs, mask_token = inputs
+        if self.g == 0:
+            x, ids_restore, mask, memories, preds = self._first(*inputs)
+        else:
+            x, ids_restore, mask, *rest = inputs
+            n_mem = self.g + 1 if self.uses_memory else 0
+            memories, preds = list(rest[:n_mem]), list(rest[n_mem:])
+        x = self._run_blocks(x)
+        m_g = self.decoder.embed(self.norm(x))
+        memory = torch.cat(memories, dim=1) if self.decoder.uses_memory else None
+        preds.append(self.decoder(m_g, ids_restore, mask_token, self.decoder_pos_embed, memory))
+        if self.g == self.num_segments - 1:
+            return (mask, *preds)
+        if self.uses_memory:
+            memories.insert(0, m_g)
+        # Point-to-point sends need contiguous tensors (a prediction is a slice without its cls row).
+        return tuple(t.contiguous() for t in (x, ids_restore, mask, *memories, *preds))
+
+
+class LossHead:
+    """The last stage's loss: the target from the clean images and the mask, then the model's own
+    reconstruction loss.  It carries only the model's loss settings (no parameters) and runs the
+    model's methods on them, so the pipelined loss is the plain model's loss by construction."""
+
+    def __init__(self, model: SegmentedAutoencoder):
+        for name in ("objective", "num_segments", "pair_weights", "omega", "coarse_sigma", "patch",
+                     "zoom_in", "norm_pix_loss"):
+            setattr(self, name, getattr(model, name))
+        self.last_terms: dict[str, float] = {}
+
+    def __call__(self, outputs: tuple, imgs: torch.Tensor) -> torch.Tensor:
+        mask, *preds = outputs
+        mask = mask.to(preds[0].dtype)
+        target = MaskedModeling.make_target(self, imgs.to(preds[0].dtype), mask)
+        batch = MaskedBatch(None, None, None, mask, target)
+        loss, terms = SegmentedAutoencoder.reconstruction_loss(self, preds, batch, imgs)
+        self.last_terms = {k: float(v.detach()) for k, v in terms.items()}
+        return loss
+
+
+def segment_layers(model: SegmentedAutoencoder, checkpoint_blocks: bool = False) -> list:
+    """The model as ``[MaskToken, Segment 0, MaskToken, Segment 1, …]`` modules (one shared
+    MaskToken instance), runnable in sequence without any pipeline engine."""
+    token = MaskToken(model.mask_token)
+    layers: list = []
+    for g in range(model.num_segments):
+        layers += [token, SegmentLayer(model, g, checkpoint_blocks)]
+    return layers
+
+
+def run_layers(layers: list, imgs: torch.Tensor, seed: torch.Tensor) -> tuple:
+    """What the pipeline computes, in one process (tests, and a check of the layer contract)."""
+    x: tuple = (imgs, seed)
+    for layer in layers:
+        x = append_mask_token(layer, x) if isinstance(layer, MaskToken) else layer(x)
+    return x
