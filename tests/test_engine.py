@@ -1,0 +1,147 @@
+"""The DeepSpeed pre-training engine on CPU ranks (gloo): pipeline = plain model, exact resume,
+pre-emption by SIGTERM.  Every test launches real `deepspeed` processes on free ports."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    """The synthetic demo set (generated) as shards."""
+    from mirl_ds.data.sharding import shard_dataset
+
+    root = tmp_path_factory.mktemp("engine_data")
+    shard_dataset(root / "synthetic", root / "shards", source_kind="synthetic", max_count=64, progress=False)
+    return str(root / "shards" / "train.manifest.json")
+
+
+def launch(tmp: Path, manifest: str, ranks: int, *overrides: str, wait: bool = True):
+    run = tmp / "run"
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "mirl_ds.pretrain",
+           "--config", "demo", "--deepspeed_config", str(ROOT / "ds_configs" / "cpu_test.json"),
+           "data.source=shards", f"data.shards={manifest}", "data.micro_batch_size=4", "optim.max_steps=4",
+           f"checkpoint.dir={tmp / 'ckpt'}", "checkpoint.save_every=2", f"logging.run_dir={run}",
+           "logging.log_every=1", *overrides]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    if not wait:
+        return proc
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    return losses(run)
+
+
+def losses(run: Path) -> dict[int, float]:
+    """step -> loss; a resumed run appends, and the newest line for a step wins."""
+    out = {}
+    for line in (run / "losses.jsonl").read_text().splitlines():
+        rec = json.loads(line)
+        out[rec["step"]] = rec["loss"]
+    return out
+
+
+def descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(Path(f"/proc/{d}/stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(d))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def rank_pids(launcher: int) -> list[int]:
+    pids = []
+    for p in descendants(launcher):
+        try:
+            if b"mirl_ds.pretrain" in Path(f"/proc/{p}/cmdline").read_bytes() and \
+                    b"deepspeed.launcher" not in Path(f"/proc/{p}/cmdline").read_bytes():
+                pids.append(p)
+        except OSError:
+            pass
+    return pids
+
+
+def wait_for_step(run: Path, step: int, proc, timeout: float = 400) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (run / "losses.jsonl").exists() and max(losses(run), default=0) >= step:
+            return
+        assert proc.poll() is None, proc.stdout.read()[-3000:]
+        time.sleep(0.2)
+    raise TimeoutError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(manifest, tmp_path_factory) -> dict[int, float]:
+    return launch(tmp_path_factory.mktemp("plain"), manifest, 1)
+
+
+def test_two_pipeline_stages_give_the_plain_models_losses(manifest, uninterrupted, tmp_path):
+    piped = launch(tmp_path, manifest, 2, "parallel.pipeline_stages=2")
+    assert sorted(piped) == sorted(uninterrupted) == [1, 2, 3, 4]
+    assert piped[1] == uninterrupted[1]          # same weights, batch and mask: the same loss
+    for step in (2, 3, 4):                       # after updates: only the summation order differs
+        assert piped[step] == pytest.approx(uninterrupted[step], rel=1e-5)
+
+
+def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(manifest, uninterrupted, tmp_path):
+    proc = launch(tmp_path, manifest, 1, wait=False)
+    wait_for_step(tmp_path / "run", 3, proc)      # checkpoint at step 2, then one more step
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (tmp_path / "ckpt" / "global_step2").is_dir()
+    assert not (tmp_path / "ckpt" / "global_step4").exists()
+    resumed = launch(tmp_path, manifest, 1)       # checkpoint.resume defaults to auto
+    for step in (3, 4):
+        assert resumed[step] == uninterrupted[step]
+
+
+def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(manifest, uninterrupted, tmp_path):
+    proc = launch(tmp_path, manifest, 1, "checkpoint.save_every=100", wait=False)
+    wait_for_step(tmp_path / "run", 1, proc)
+    for pid in rank_pids(proc.pid):               # to the rank, as a scheduler's pre-emption would
+        os.kill(pid, signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    assert "stopped by a signal" in out
+    saved = sorted((tmp_path / "ckpt").glob("global_step*"))
+    assert len(saved) == 1
+    stopped_at = int(saved[0].name[len("global_step"):])
+    assert 1 <= stopped_at < 4
+    resumed = launch(tmp_path, manifest, 1, "checkpoint.save_every=100")
+    for step in range(stopped_at + 1, 5):
+        assert resumed[step] == uninterrupted[step]
+
+
+def test_a_refused_config_is_one_sentence_and_a_non_zero_exit(manifest, tmp_path):
+    proc = launch(tmp_path, manifest, 2, "parallel.pipeline_stages=3", wait=False)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "parallel.pipeline_stages=3" in out and "Traceback" not in out
