@@ -145,3 +145,20 @@ def test_a_refused_config_is_one_sentence_and_a_non_zero_exit(manifest, tmp_path
     out, _ = proc.communicate(timeout=300)
     assert proc.returncode != 0
     assert "parallel.pipeline_stages=3" in out and "Traceback" not in out
+
+
+# ZeRO-3 (pp = 1) does not train yet: its backward meets a partitioned (empty) parameter; see the issue.
+@pytest.mark.parametrize("ds_config, stages", [("pipeline_zero1_bf16.json", 2), ("zero2_bf16.json", 1)])
+def test_zero_stages_train_in_bf16(manifest, tmp_path, ds_config, stages):
+    run = tmp_path / "run"
+    cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "mirl_ds.pretrain",
+           "--config", "demo", "--deepspeed_config", str(ROOT / "ds_configs" / ds_config),
+           "data.source=shards", f"data.shards={manifest}", "data.micro_batch_size=4", "optim.max_steps=2",
+           f"checkpoint.dir={tmp_path / 'ckpt'}", f"logging.run_dir={run}", "logging.log_every=1",
+           f"parallel.pipeline_stages={stages}"]
+    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    got = losses(run)
+    assert sorted(got) == [1, 2] and all(0 < v < 10 for v in got.values())
+    assert (tmp_path / "ckpt" / "global_step2").is_dir()

@@ -94,6 +94,11 @@ def _build_engine(cfg, ds):
 
             for blk in module.encoder.blocks:   # non-reentrant recomputation of each block
                 blk.forward = (lambda f: (lambda x: checkpoint(f, x, use_reentrant=False)))(blk.forward)
+    if pp == 1 and ds.get("zero_optimization", {}).get("stage", 0) == 3:
+        # ZeRO-3 gathers a module's parameters around that module's forward; the cls token and the
+        # position embedding are read by the model's own code, not by the timm encoder's forward.
+        for p in (module.encoder.cls_token, module.encoder.pos_embed):
+            deepspeed.zero.register_external_parameter(module, p)
     optimizer = build_optimizer(module, cfg.optim, lr=0.0)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
     return engine, optimizer
