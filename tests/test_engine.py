@@ -15,6 +15,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
+STEPS = 12          # long enough that a signal sent at step 3 lands before the end
 
 
 def free_port() -> int:
@@ -37,7 +38,7 @@ def launch(tmp: Path, manifest: str, ranks: int, *overrides: str, wait: bool = T
     run = tmp / "run"
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "mirl_ds.pretrain",
            "--config", "demo", "--deepspeed_config", str(ROOT / "ds_configs" / "cpu_test.json"),
-           "data.source=shards", f"data.shards={manifest}", "data.micro_batch_size=4", "optim.max_steps=4",
+           "data.source=shards", f"data.shards={manifest}", "data.micro_batch_size=4", f"optim.max_steps={STEPS}",
            f"checkpoint.dir={tmp / 'ckpt'}", "checkpoint.save_every=2", f"logging.run_dir={run}",
            "logging.log_every=1", *overrides]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
@@ -105,10 +106,12 @@ def uninterrupted(manifest, tmp_path_factory) -> dict[int, float]:
 
 def test_two_pipeline_stages_give_the_plain_models_losses(manifest, uninterrupted, tmp_path):
     piped = launch(tmp_path, manifest, 2, "parallel.pipeline_stages=2")
-    assert sorted(piped) == sorted(uninterrupted) == [1, 2, 3, 4]
+    assert sorted(piped) == sorted(uninterrupted) == list(range(1, STEPS + 1))
     assert piped[1] == uninterrupted[1]          # same weights, batch and mask: the same loss
-    for step in (2, 3, 4):                       # after updates: only the summation order differs
-        assert piped[step] == pytest.approx(uninterrupted[step], rel=1e-5)
+    for step in range(2, STEPS + 1):
+        # After updates only the summation order differs; Adam's normalised first steps amplify
+        # that on near-zero gradients, so the agreement loosens slowly with the step.
+        assert piped[step] == pytest.approx(uninterrupted[step], rel=1e-5 if step <= 4 else 1e-3)
 
 
 def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(manifest, uninterrupted, tmp_path):
@@ -116,10 +119,10 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(ma
     wait_for_step(tmp_path / "run", 3, proc)      # checkpoint at step 2, then one more step
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (tmp_path / "ckpt" / "global_step2").is_dir()
-    assert not (tmp_path / "ckpt" / "global_step4").exists()
+    saved = sorted(int(p.name[len("global_step"):]) for p in (tmp_path / "ckpt").glob("global_step*"))
+    assert saved and 2 <= saved[-1] < STEPS
     resumed = launch(tmp_path, manifest, 1)       # checkpoint.resume defaults to auto
-    for step in (3, 4):
+    for step in range(saved[-1] + 1, STEPS + 1):
         assert resumed[step] == uninterrupted[step]
 
 
@@ -134,9 +137,9 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(manifest, uninte
     saved = sorted((tmp_path / "ckpt").glob("global_step*"))
     assert len(saved) == 1
     stopped_at = int(saved[0].name[len("global_step"):])
-    assert 1 <= stopped_at < 4
+    assert 1 <= stopped_at < STEPS
     resumed = launch(tmp_path, manifest, 1, "checkpoint.save_every=100")
-    for step in range(stopped_at + 1, 5):
+    for step in range(stopped_at + 1, STEPS + 1):
         assert resumed[step] == uninterrupted[step]
 
 
@@ -147,8 +150,8 @@ def test_a_refused_config_is_one_sentence_and_a_non_zero_exit(manifest, tmp_path
     assert "parallel.pipeline_stages=3" in out and "Traceback" not in out
 
 
-# ZeRO-3 (pp = 1) does not train yet: its backward meets a partitioned (empty) parameter; see the issue.
-@pytest.mark.parametrize("ds_config, stages", [("pipeline_zero1_bf16.json", 2), ("zero2_bf16.json", 1)])
+@pytest.mark.parametrize("ds_config, stages", [("pipeline_zero1_bf16.json", 2), ("zero2_bf16.json", 1),
+                                               ("zero3_bf16.json", 1)])
 def test_zero_stages_train_in_bf16(manifest, tmp_path, ds_config, stages):
     run = tmp_path / "run"
     cmd = [DEEPSPEED, "--num_gpus", "2", "--master_port", str(free_port()), "--module", "mirl_ds.pretrain",

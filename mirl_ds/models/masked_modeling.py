@@ -1,6 +1,7 @@
 """What MAE and MIRL share: degrade, mask, encode visible tokens, build the target, and the
 optional extra losses (feature-level InfoNCE, VGG perceptual)."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,12 +25,13 @@ class MaskedBatch:
     target: ReconstructionTarget
 
 
-@dataclass
-class PretrainOutput:
+class PretrainOutput(NamedTuple):
+    """A named tuple, not a dataclass: ZeRO-3 attaches its backward hooks (which re-gather the
+    model's own parameters, e.g. the mask token) to the tensors of tuples, lists and dicts only."""
     loss: torch.Tensor                       # the scalar that is back-propagated
     terms: dict[str, torch.Tensor]           # per pair / per decoder / extra-loss values
     preds: list[torch.Tensor]                # ŷ_g per decoder, [N, L, p*p*C], g = 1..G
-    batch: MaskedBatch = field(repr=False)
+    batch: MaskedBatch
 
 
 @dataclass(frozen=True)

@@ -82,15 +82,23 @@ class SegmentedAutoencoder(MaskedModeling):
         return x
 
     def decode(self, g: int, x: torch.Tensor, memories: list[torch.Tensor],
-               ids_restore: torch.Tensor):
+               ids_restore: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None):
         """Segment g's output -> (ŷ_g [N, L, p*p*C], m_g [N, 1+K, d]).
 
-        ``memories`` is ``[m_{g-1}, …, m_0]`` (0-indexed g: all shallower segments and z_0).
+        ``memories`` is ``[m_{g-1}, …, m_0]`` (0-indexed g: all shallower segments and z_0);
+        ``shared`` is :meth:`shared_decoder_inputs`, made once per forward pass.
         """
         dec = self.decoders[g]
         m_g = dec.embed(self.segment_norm(g)(x))
         memory = torch.cat(memories, dim=1) if dec.uses_memory else None
-        return dec(m_g, ids_restore, self.mask_token, self.decoder_pos_embed, memory), m_g
+        token, pos = shared if shared is not None else self.shared_decoder_inputs()
+        return dec(m_g, ids_restore, token, pos, memory), m_g
+
+    def shared_decoder_inputs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The mask token and decoder position embedding every decoder uses, as one view each per
+        forward pass: the G decoders' gradients meet in the view and reach the Parameter once,
+        and no Parameter is handed to a submodule's forward as an input (ZeRO-3 hooks inputs)."""
+        return self.mask_token.view_as(self.mask_token), self.decoder_pos_embed.view_as(self.decoder_pos_embed)
 
     def reconstruction_loss(self, preds: list[torch.Tensor], batch: MaskedBatch, imgs: torch.Tensor):
         if self.objective == "mirl":
@@ -114,10 +122,11 @@ class SegmentedAutoencoder(MaskedModeling):
         batch = self.prepare(imgs, generator)
         x = self.embed(batch)                       # z_0 [N, 1+K, D]
         memories = self.first_memory(x)             # newest first: [m_{g-1}, …, m_0]
+        shared = self.shared_decoder_inputs()
         preds = []
         for g in range(self.num_segments):
             x = self.run_segment(g, x)
-            pred, m_g = self.decode(g, x, memories, batch.ids_restore)
+            pred, m_g = self.decode(g, x, memories, batch.ids_restore, shared)
             preds.append(pred)
             memories.insert(0, m_g)
         loss, terms = self.reconstruction_loss(preds, batch, imgs)
