@@ -165,3 +165,17 @@ def test_zero_stages_train_in_bf16(manifest, tmp_path, ds_config, stages):
     got = losses(run)
     assert sorted(got) == [1, 2] and all(0 < v < 10 for v in got.values())
     assert (tmp_path / "ckpt" / "global_step2").is_dir()
+
+
+def test_four_ranks_two_stages_two_replicas_train_and_stages_of_a_replica_see_the_same_samples(manifest, tmp_path):
+    launch(tmp_path, manifest, 4, "parallel.pipeline_stages=2", "optim.max_steps=3", "logging.sample_keys=true")
+    seen: dict[tuple[int, int], list] = {}
+    for path in (tmp_path / "run" / "sample_keys").glob("rank*.jsonl"):
+        for line in path.read_text().splitlines():
+            rec = json.loads(line)
+            seen.setdefault((rec["dp_rank"], rec["stage"]), []).append((rec["step"], rec["micro"], rec["keys"]))
+    assert sorted(seen) == [(0, 0), (0, 1), (1, 0), (1, 1)]       # first and last stage of both replicas
+    for dp in (0, 1):
+        assert seen[(dp, 0)] == seen[(dp, 1)]                      # same keys, same order
+    replica = [{k for _, _, keys in seen[(dp, 0)] for k in keys} for dp in (0, 1)]
+    assert replica[0] and replica[1] and not replica[0] & replica[1]   # disjoint across replicas

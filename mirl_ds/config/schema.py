@@ -122,6 +122,10 @@ class LoggingConfig:
     log_every: int = 10
     tensorboard: bool = False
     csv: bool = True
+    # Each data-reading rank appends the sample keys of every micro-batch to
+    # <run_dir>/sample_keys/rank<R>.jsonl (with its stage and data-parallel rank): to audit which
+    # replica saw what (the tests check pipeline stages see identical samples).
+    sample_keys: bool = False
 
 
 @dataclass

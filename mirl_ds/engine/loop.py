@@ -177,9 +177,18 @@ def run_pretraining(config_paths: list[str], overrides: list[str], ds_path: str)
     reads_data = pp == 1 or stage in (0, pp - 1)
     losses_path = os.path.join(run_dir, "losses.jsonl")
 
+    keys_file = None
+    if cfg.logging.sample_keys and reads_data:
+        os.makedirs(os.path.join(run_dir, "sample_keys"), exist_ok=True)
+        keys_file = os.path.join(run_dir, "sample_keys", f"rank{rank}.jsonl")
+
     def micro_batches(step_: int):
         for m in range(ga):
             b = next(batches)
+            if keys_file is not None:
+                with open(keys_file, "a") as f:
+                    f.write(json.dumps({"step": step_ + 1, "micro": m, "stage": stage, "dp_rank": dp_rank,
+                                        "keys": list(b["keys"])}) + "\n")
             imgs = normalize_batch(b["images"], cfg.data.mean, cfg.data.std).to(dtype)
             seed = torch.tensor([micro_seed(cfg.seed, step_, m, dp_rank)], dtype=torch.long)
             yield imgs, seed
