@@ -159,10 +159,6 @@ STD = (0.229, 0.224, 0.225)
 def _worker_init(worker_id: int) -> None:
     import torch
     torch.set_num_threads(1)
-    info = torch.utils.data.get_worker_info()
-    decoder = getattr(info.dataset, "bench_decoder", None)
-    if decoder is not None:
-        decoder.reseed((info.seed, worker_id))
 
 
 def baseline_loader(ds: Dataset, size: int, batch: int, workers: int):

@@ -107,31 +107,19 @@ def run(args: argparse.Namespace) -> int:
         nbytes = generate_tree(src, args.images, args.width, args.height, args.quality)
         print(f"  {nbytes / args.images / 1e3:.1f} KB per image, {nbytes / 1e6:.1f} MB", flush=True)
 
-        def time_tar() -> float:
+        def time_tar(then=None) -> float:
+            """``tar -cf`` of the tree, then ``then(tar_path)`` inside the timing (sync, sha256sum)."""
             out = tmp / "ref.tar"
             t = time.perf_counter()
             subprocess.run(["tar", "-cf", str(out), "-C", str(src), "train"], check=True)
+            if then is not None:
+                then(out)
             dt = time.perf_counter() - t
             out.unlink()
             return dt
 
-        def time_tar_sha() -> float:
-            out = tmp / "ref.tar"
-            t = time.perf_counter()
-            subprocess.run(["tar", "-cf", str(out), "-C", str(src), "train"], check=True)
-            subprocess.run(["sha256sum", str(out)], check=True, stdout=subprocess.DEVNULL)
-            dt = time.perf_counter() - t
-            out.unlink()
-            return dt
-
-        def time_tar_sync() -> float:
-            out = tmp / "ref.tar"
-            t = time.perf_counter()
-            subprocess.run(["tar", "-cf", str(out), "-C", str(src), "train"], check=True)
-            os.sync()
-            dt = time.perf_counter() - t
-            out.unlink()
-            return dt
+        def sha256sum(path: Path) -> None:
+            subprocess.run(["sha256sum", str(path)], check=True, stdout=subprocess.DEVNULL)
 
         def time_ours(w: int, fsync: bool = False) -> float:
             dest = tmp / f"shards_w{w}"
@@ -149,10 +137,10 @@ def run(args: argparse.Namespace) -> int:
         # (fsync of every shard before its sidecar) is compared with tar followed by sync.
         methods = [("tar -cf", time_tar),
                    (f"mirl-ds shard --no-fsync, {workers} w", lambda: time_ours(workers)),
-                   ("tar -cf; sync", time_tar_sync),
+                   ("tar -cf; sync", lambda: time_tar(lambda _out: os.sync())),
                    (f"mirl-ds shard, {workers} w", lambda: time_ours(workers, fsync=True))]
         if shutil.which("sha256sum"):
-            methods.append(("tar -cf; sha256sum", time_tar_sha))
+            methods.append(("tar -cf; sha256sum", lambda: time_tar(sha256sum)))
         if workers != 1:
             methods.append(("mirl-ds shard --no-fsync, 1 w", lambda: time_ours(1)))
         rows = _best_interleaved(methods, args.repeats)

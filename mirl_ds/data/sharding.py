@@ -76,7 +76,6 @@ __all__ = [
     "plan_fingerprint",
     "tar_bytes",
     "check_jpeg",
-    "write_shard",
     "shard_dataset",
     "format_report",
     "parse_size",
@@ -371,16 +370,6 @@ def _finish_shard(job: dict, f, tmp: str, result: dict) -> dict:
     sidecar = {**result, "plan_sha256": job["plan_sha256"]}
     _dest_write(dest, name + ".done.json", (json.dumps(sidecar, indent=1) + "\n").encode())
     return result
-
-
-def write_shard(job: dict, progress=None) -> dict:
-    """Write one planned shard completely: tar, fsync/upload, sidecar.
-
-    ``job``: ``dest``, ``name``, ``samples`` [(key, path, class_index, rel, size)], ``verify``,
-    ``plan_sha256``.  Returns ``{name, samples, bytes, sha256, first_key, skipped}`` and leaves
-    ``<name>`` and ``<name>.done.json`` at ``dest``.  ``progress(n)`` is called per sample.
-    """
-    return _finish_shard(job, *_write_tar(job, progress))
 
 
 # ----------------------------------------------------------------------------- the whole job

@@ -79,7 +79,7 @@ def load(engine, ckpt_dir: str, resume: str) -> dict | None:
                 error = "it holds no mirl_ds state (not written by mirl_ds.pretrain)"
         except Exception as e:  # noqa: BLE001 - a damaged checkpoint: try the previous one
             error = f"{type(e).__name__}: {e}"
-        flag = _any_rank(error is not None)
+        flag = any_rank(error is not None)
         if not flag:
             return state
         if dist.get_rank() == 0:
@@ -90,7 +90,8 @@ def load(engine, ckpt_dir: str, resume: str) -> dict | None:
                        f"start afresh with checkpoint.resume=none or point it at a good one")
 
 
-def _any_rank(flag: bool) -> bool:
+def any_rank(flag: bool) -> bool:
+    """True on every rank if ``flag`` is true on any rank (a collective)."""
     import torch
 
     t = torch.tensor([1 if flag else 0])

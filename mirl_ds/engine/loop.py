@@ -46,9 +46,7 @@ class _StopFlag:
         self.raised = True
 
     def agreed(self) -> bool:
-        t = torch.tensor([1 if self.raised else 0])
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
-        return bool(t.item())
+        return checkpoints.any_rank(self.raised)
 
 
 def _load_everything(config_paths, overrides, ds_path):
@@ -89,11 +87,7 @@ def _build_engine(cfg, ds):
         del model
     else:
         module = model
-        if cfg.parallel.activation_checkpointing:
-            from torch.utils.checkpoint import checkpoint
-
-            for blk in module.encoder.blocks:   # non-reentrant recomputation of each block
-                blk.forward = (lambda f: (lambda x: checkpoint(f, x, use_reentrant=False)))(blk.forward)
+        module.checkpoint_blocks = cfg.parallel.activation_checkpointing
     if pp == 1 and ds.get("zero_optimization", {}).get("stage", 0) == 3:
         # ZeRO-3 gathers a module's parameters around that module's forward; the cls token and the
         # position embedding are read by the model's own code, not by the timm encoder's forward.

@@ -12,7 +12,7 @@ from __future__ import annotations
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
 from ..models.mirl import SegmentedAutoencoder
-from ..models.pipeline_layers import LossHead, MaskToken, SegmentLayer, append_mask_token
+from ..models.pipeline_layers import LossHead, MaskToken, append_mask_token, segment_layers
 
 __all__ = ["build_pipeline", "expected_parts", "PipelineSetupError"]
 
@@ -36,12 +36,9 @@ def build_pipeline(model: SegmentedAutoencoder, num_stages: int, *, checkpoint_b
         raise PipelineSetupError(
             f"parallel.pipeline_stages={num_stages} must divide the {g_count} MIRL segments: a stage "
             f"holds whole segments (use one of {[d for d in range(1, g_count + 1) if g_count % d == 0]})")
-    token = model.mask_token.detach().clone()
-    layers: list = []
-    for g in range(g_count):
-        layers.append(TiedLayerSpec("mask_token", MaskToken, token, forward_fn=append_mask_token,
-                                    tied_weight_attr=["weight"]))
-        layers.append(SegmentLayer(model, g, checkpoint_blocks))
+    tied_token = TiedLayerSpec("mask_token", MaskToken, model.mask_token, forward_fn=append_mask_token,
+                               tied_weight_attr=["weight"])
+    layers = segment_layers(model, checkpoint_blocks, token_layer=tied_token)
     kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}
     module = PipelineModule(layers=layers, loss_fn=LossHead(model), partition_method="uniform",
                             activation_checkpoint_interval=0, **kwargs)
@@ -50,16 +47,3 @@ def build_pipeline(model: SegmentedAutoencoder, num_stages: int, *, checkpoint_b
         raise PipelineSetupError(f"DeepSpeed partitioned the {2 * g_count} layers as {list(module.parts)}, "
                                  f"not at the segment boundaries {want}")
     return module
-
-
-def stage_model_keys(module: PipelineModule) -> dict[str, str]:
-    """This stage's parameter/buffer names -> the plain model's names (checkpoint conversion)."""
-    out = {}
-    for idx, layer in enumerate(module.forward_funcs):
-        if isinstance(layer, SegmentLayer):
-            name = str(module._local_start + idx)
-            for key in layer.state_dict():
-                out[f"{name}.{key}"] = layer.model_key(key)
-    for key in module.tied_modules.state_dict():
-        out[f"tied_modules.{key}"] = "mask_token"
-    return out

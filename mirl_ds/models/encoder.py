@@ -5,6 +5,7 @@ through its ``forward``; classification and export use it whole.
 """
 import torch
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from timm.models.vision_transformer import VisionTransformer
 
 from .patches import keep_tokens
@@ -61,3 +62,13 @@ def embed_visible(vit: VisionTransformer, imgs: torch.Tensor, ids_keep: torch.Te
         x = keep_tokens(x, ids_keep)
     cls = (vit.cls_token + vit.pos_embed[:, :1, :]).expand(x.shape[0], -1, -1)
     return torch.cat([cls, x], dim=1)
+
+
+def run_blocks(blocks, x: torch.Tensor, recompute: bool = False) -> torch.Tensor:
+    """Encoder blocks in sequence; ``recompute`` (activation checkpointing, when gradients are
+    on) keeps only each block's input and recomputes the block in the backward pass.
+    Non-reentrant: the reentrant implementation breaks on multi-tensor pipeline stage outputs."""
+    recompute = recompute and torch.is_grad_enabled()
+    for blk in blocks:
+        x = checkpoint(blk, x, use_reentrant=False) if recompute else blk(x)
+    return x

@@ -7,7 +7,7 @@ from torch import nn
 from timm.models.vision_transformer import Block
 from functools import partial
 
-from .encoder import init_linear_and_norm
+from .encoder import init_linear_and_norm, run_blocks
 from .masked_modeling import MaskedModeling, PretrainOutput
 from .patches import restore_sequence
 from .pos_embed import sincos_2d
@@ -33,9 +33,7 @@ class MaskedAutoencoder(MaskedModeling):
 
     def forward_encoder(self, batch) -> torch.Tensor:
         x = self.embed(batch)                      # [N, 1+K, D]
-        for blk in self.encoder.blocks:
-            x = blk(x)
-        return self.encoder.norm(x)
+        return self.encoder.norm(run_blocks(self.encoder.blocks, x, self.checkpoint_blocks))
 
     def forward_decoder(self, latent: torch.Tensor, ids_restore: torch.Tensor) -> torch.Tensor:
         x = self.decoder_embed(latent)

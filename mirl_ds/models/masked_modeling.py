@@ -68,6 +68,8 @@ class MaskedModeling(nn.Module):
         self.patch = spec.patch_size
         self.mask_ratio = mask_ratio
         self.norm_pix_loss = norm_pix_loss
+        # Activation checkpointing of the encoder blocks (parallel.activation_checkpointing).
+        self.checkpoint_blocks = False
         # Truncated pre-training builds only the first k blocks; the rest are fresh at fine-tuning.
         self.encoder = build_vit(spec, depth=pretrain_depth)
         self.degradation = degradation

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from .decoder import SegmentDecoder
-from .encoder import init_linear_and_norm
+from .encoder import init_linear_and_norm, run_blocks
 from .masked_modeling import MaskedBatch, MaskedModeling, PretrainOutput
 from .objectives import (SEGMENTED_OBJECTIVES, coarse_fine_assignment, independent_losses,
                          residual_pair_losses)
@@ -77,9 +77,7 @@ class SegmentedAutoencoder(MaskedModeling):
 
     def run_segment(self, g: int, x: torch.Tensor) -> torch.Tensor:
         lo, hi = self.segment_bounds[g]
-        for blk in self.encoder.blocks[lo:hi]:
-            x = blk(x)
-        return x
+        return run_blocks(self.encoder.blocks[lo:hi], x, self.checkpoint_blocks)
 
     def decode(self, g: int, x: torch.Tensor, memories: list[torch.Tensor],
                ids_restore: torch.Tensor, shared: tuple[torch.Tensor, torch.Tensor] | None = None):

@@ -25,9 +25,8 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.utils.checkpoint import checkpoint
 
-from .encoder import embed_visible
+from .encoder import embed_visible, run_blocks
 from .masked_modeling import MaskedBatch, MaskedModeling
 from .mirl import SegmentedAutoencoder
 
@@ -91,12 +90,6 @@ class SegmentLayer(nn.Module):
         memories = [self.decoder_embed0(self.norm_low(x))] if self.uses_memory else []
         return x, ids_restore.long(), mask.long(), memories, []
 
-    def _run_blocks(self, x: torch.Tensor) -> torch.Tensor:
-        for blk in self.blocks:
-            # Non-reentrant: the reentrant implementation breaks on multi-tensor stage outputs.
-            x = checkpoint(blk, x, use_reentrant=False) if self.checkpoint_blocks and self.training else blk(x)
-        return x
-
     def forward(self, inputs: tuple) -> tuple:
         *inputs, mask_token = inputs
         if self.g == 0:
@@ -105,7 +98,7 @@ class SegmentLayer(nn.Module):
             x, ids_restore, mask, *rest = inputs
             n_mem = self.g + 1 if self.uses_memory else 0
             memories, preds = list(rest[:n_mem]), list(rest[n_mem:])
-        x = self._run_blocks(x)
+        x = run_blocks(self.blocks, x, self.checkpoint_blocks)
         m_g = self.decoder.embed(self.norm(x))
         memory = torch.cat(memories, dim=1) if self.decoder.uses_memory else None
         preds.append(self.decoder(m_g, ids_restore, mask_token, self.decoder_pos_embed, memory))
@@ -138,10 +131,12 @@ class LossHead:
         return loss
 
 
-def segment_layers(model: SegmentedAutoencoder, checkpoint_blocks: bool = False) -> list:
-    """The model as ``[MaskToken, Segment 0, MaskToken, Segment 1, …]`` modules (one shared
-    MaskToken instance), runnable in sequence without any pipeline engine."""
-    token = MaskToken(model.mask_token)
+def segment_layers(model: SegmentedAutoencoder, checkpoint_blocks: bool = False, token_layer=None) -> list:
+    """The model as ``[mask token, segment 0, mask token, segment 1, …]``.  ``token_layer`` is
+    what stands at the mask-token places: by default one shared :class:`MaskToken` (the layers
+    then run in sequence without any pipeline engine, see :func:`run_layers`); the pipeline
+    passes its tied-layer spec."""
+    token = token_layer if token_layer is not None else MaskToken(model.mask_token)
     layers: list = []
     for g in range(model.num_segments):
         layers += [token, SegmentLayer(model, g, checkpoint_blocks)]
