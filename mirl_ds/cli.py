@@ -82,6 +82,21 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
                    help="check everything and print the deepspeed command without running it")
 
 
+def cmd_universal(args) -> int:
+    from .engine.checkpoints import NoCheckpoint
+    from .engine.universal import UniversalError, convert
+
+    try:
+        out = convert(args.checkpoint, args.out, quiet=not args.verbose)
+    except (NoCheckpoint, UniversalError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote the universal checkpoint {out}\n"
+          f"resume it on any pipeline/data-parallel layout (with a ZeRO DeepSpeed config): "
+          f"checkpoint.resume={out}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     return args.bench_run(args)
 
@@ -115,6 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
                                    "command and run it.")
     add_launch_arguments(p)
     p.set_defaults(func=cmd_launch)
+
+    p = sub.add_parser("universal", help="convert a ZeRO checkpoint for another pipeline/data-parallel layout",
+                       description="Run DeepSpeed's ds_to_universal on a checkpoint and add the parameter "
+                                   "names of the other layout (pipeline <-> plain model), so that it resumes "
+                                   "with any parallel.pipeline_stages and any number of ranks.")
+    p.add_argument("checkpoint", help="a global_step<N> folder, or a checkpoint dir (its latest)")
+    p.add_argument("--out", help="output folder (default: <checkpoint>_universal beside it)")
+    p.add_argument("--verbose", action="store_true", help="show DeepSpeed's converter output")
+    p.set_defaults(func=cmd_universal)
 
     from .data import sharding
     p = sub.add_parser("shard", help="write WebDataset tar shards + manifest (local or s3://)")

@@ -27,11 +27,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    from .engine.checkpoints import NoCheckpoint
     from .engine.loop import run_pretraining, TrainingError
 
     try:
         return run_pretraining(args.config, args.overrides, args.deepspeed_config)
-    except TrainingError as e:
+    except (TrainingError, NoCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
 

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
@@ -34,10 +35,11 @@ def manifest(tmp_path_factory) -> str:
     return str(root / "shards" / "train.manifest.json")
 
 
-def launch(tmp: Path, manifest: str, ranks: int, *overrides: str, wait: bool = True):
-    run = tmp / "run"
+def launch(tmp: Path, manifest: str, ranks: int, *overrides: str, wait: bool = True,
+           ds_config: str | Path = ROOT / "ds_configs" / "cpu_test.json", run_name: str = "run"):
+    run = tmp / run_name
     cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "mirl_ds.pretrain",
-           "--config", "demo", "--deepspeed_config", str(ROOT / "ds_configs" / "cpu_test.json"),
+           "--config", "demo", "--deepspeed_config", str(ds_config),
            "data.source=shards", f"data.shards={manifest}", "data.micro_batch_size=4", f"optim.max_steps={STEPS}",
            f"checkpoint.dir={tmp / 'ckpt'}", "checkpoint.save_every=2", f"logging.run_dir={run}",
            "logging.log_every=1", *overrides]
@@ -54,6 +56,8 @@ def launch(tmp: Path, manifest: str, ranks: int, *overrides: str, wait: bool = T
 def losses(run: Path) -> dict[int, float]:
     """step -> loss; a resumed run appends, and the newest line for a step wins."""
     out = {}
+    if not (run / "losses.jsonl").exists():
+        return out                                  # a run that had no step left to train
     for line in (run / "losses.jsonl").read_text().splitlines():
         rec = json.loads(line)
         out[rec["step"]] = rec["loss"]
@@ -104,8 +108,15 @@ def uninterrupted(manifest, tmp_path_factory) -> dict[int, float]:
     return launch(tmp_path_factory.mktemp("plain"), manifest, 1)
 
 
-def test_two_pipeline_stages_give_the_plain_models_losses(manifest, uninterrupted, tmp_path):
-    piped = launch(tmp_path, manifest, 2, "parallel.pipeline_stages=2")
+@pytest.fixture(scope="module")
+def piped_run(manifest, tmp_path_factory) -> tuple[dict[int, float], Path]:
+    """An uninterrupted 2-stage pipeline run: its losses and its checkpoint folder."""
+    tmp = tmp_path_factory.mktemp("piped")
+    return launch(tmp, manifest, 2, "parallel.pipeline_stages=2"), tmp / "ckpt"
+
+
+def test_two_pipeline_stages_give_the_plain_models_losses(uninterrupted, piped_run):
+    piped, _ = piped_run
     assert sorted(piped) == sorted(uninterrupted) == list(range(1, STEPS + 1))
     assert piped[1] == uninterrupted[1]          # same weights, batch and mask: the same loss
     for step in range(2, STEPS + 1):
@@ -141,6 +152,84 @@ def test_sigterm_saves_a_checkpoint_exits_0_and_resumes_exactly(manifest, uninte
     resumed = launch(tmp_path, manifest, 1, "checkpoint.save_every=100")
     for step in range(stopped_at + 1, STEPS + 1):
         assert resumed[step] == uninterrupted[step]
+
+
+def test_pipeline_run_resumed_from_its_checkpoint_repeats_its_losses(manifest, piped_run, tmp_path):
+    # Every stage's weights come back, the mask token each stage keeps a copy of included.
+    piped, ckpt = piped_run
+    start = STEPS - 4
+    resumed = launch(tmp_path, manifest, 2, "parallel.pipeline_stages=2", f"checkpoint.resume={ckpt}/global_step{start}")
+    assert sorted(resumed) == list(range(start + 1, STEPS + 1))
+    for step in resumed:
+        assert resumed[step] == piped[step]
+
+
+ZERO1_FP32 = {"train_micro_batch_size_per_gpu": "auto", "gradient_accumulation_steps": "auto",
+              "train_batch_size": "auto", "zero_optimization": {"stage": 1}, "bf16": {"enabled": False}}
+
+
+def universal_tensors(folder: Path) -> dict[tuple[str, str], torch.Tensor]:
+    """(parameter name, state) -> tensor of a universal checkpoint, under the plain model's names
+    (the non-pipeline names: no leading layer index, no tied_modules)."""
+    out = {}
+    for d in (folder / "zero").iterdir():
+        if d.is_dir() and not d.name[0].isdigit() and not d.name.startswith("tied_modules."):
+            for state in ("fp32", "exp_avg", "exp_avg_sq"):
+                if (d / f"{state}.pt").exists():
+                    out[d.name, state] = torch.load(d / f"{state}.pt", weights_only=False)["param"]
+    return out
+
+
+def convert_to_universal(ckpt: Path) -> Path:
+    out = subprocess.run([str(Path(sys.executable).with_name("mirl-ds")), "universal", str(ckpt)], cwd=ROOT,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    folder = Path(out.stdout.split("wrote the universal checkpoint ", 1)[1].split()[0])
+    assert folder.is_dir()
+    return folder
+
+
+def test_pipeline_checkpoint_resumes_as_two_data_parallel_replicas_through_the_universal_checkpoint(manifest,
+                                                                                                  tmp_path):
+    ds_json = tmp_path / "zero1_fp32.json"
+    ds_json.write_text(json.dumps(ZERO1_FP32))
+    # pp=2 x dp=1, global batch 4; then pp=1 x dp=2 with micro-batch 2: the same global batch.
+    launch(tmp_path / "pp2", manifest, 2, "parallel.pipeline_stages=2", "optim.max_steps=4",
+           "checkpoint.save_every=4", ds_config=ds_json)
+    universal_pp2 = convert_to_universal(tmp_path / "pp2" / "ckpt")
+    launch(tmp_path / "dp2", manifest, 2, "data.micro_batch_size=2", "optim.max_steps=4",
+           f"checkpoint.resume={universal_pp2}", ds_config=ds_json)
+    # Nothing was left to train: the loaded state was saved as the pp=1 run's own checkpoint.
+    # Converting that back must give every parameter and both Adam moments bit for bit.
+    universal_dp2 = convert_to_universal(tmp_path / "dp2" / "ckpt")
+    before, after = universal_tensors(universal_pp2), universal_tensors(universal_dp2)
+    assert len(before) > 100 and set(before) <= set(after)
+    assert {name for name, _ in set(after) - set(before)} <= {"encoder.pos_embed", "decoder_pos_embed"}  # frozen
+    for key, value in before.items():
+        assert torch.equal(value, after[key]), key
+    # And it trains on from there as pp=1 x dp=2.
+    more = launch(tmp_path / "dp2", manifest, 2, "data.micro_batch_size=2", "optim.max_steps=6", ds_config=ds_json)
+    assert sorted(more) == [5, 6] and all(0 < v < 10 for v in more.values())
+
+
+def test_init_from_loads_only_the_weights_and_starts_at_step_0(manifest, tmp_path):
+    ds_json = tmp_path / "zero1_fp32.json"
+    ds_json.write_text(json.dumps(ZERO1_FP32))
+    source = launch(tmp_path / "src", manifest, 2, "parallel.pipeline_stages=2", "optim.max_steps=3",
+                    "checkpoint.save_every=3", ds_config=ds_json)
+    # An lr of 1e-30 moves no weight by a visible amount: what is saved after one step is what was loaded.
+    warm = launch(tmp_path / "warm", manifest, 2, "parallel.pipeline_stages=2", "optim.max_steps=1",
+                  "optim.lr=1e-30", f"checkpoint.init_from={tmp_path / 'src' / 'ckpt'}", ds_config=ds_json)
+    assert sorted(warm) == [1] and warm[1] != source[1]          # step 0 again, trained weights
+    loaded = tmp_path / "src" / "ckpt" / "global_step3"
+    saved = tmp_path / "warm" / "ckpt" / "global_step1"
+    layers = sorted(p.name for p in loaded.glob("layer_*-model_states.pt"))
+    assert len(layers) == 8                                        # 4 segments + 4 mask-token copies
+    for name in layers:
+        a, b = torch.load(loaded / name, weights_only=False), torch.load(saved / name, weights_only=False)
+        assert a.keys() == b.keys()
+        for key in a:
+            assert (a[key] - b[key]).abs().max() < 1e-20, (name, key)
 
 
 def test_a_refused_config_is_one_sentence_and_a_non_zero_exit(manifest, tmp_path):

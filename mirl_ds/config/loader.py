@@ -3,6 +3,7 @@ overrides, unknown keys rejected with the nearest valid name, every value type-c
 validated as a whole. All problems are reported together, one sentence each."""
 import dataclasses
 import difflib
+import tempfile
 import re
 import types
 import typing
@@ -215,6 +216,14 @@ def load_config(paths: str | Path | list | None = None, overrides: list[str] | N
         if problems:
             raise ConfigError(problems)
     return cfg
+
+
+def config_from_text(text: str, validate: bool = False) -> RunConfig:
+    """A config from YAML text written by :func:`dump_config` (e.g. the copy a checkpoint keeps)."""
+    with tempfile.NamedTemporaryFile("w", suffix=".yaml") as f:
+        f.write(text)
+        f.flush()
+        return load_config([f.name], validate=validate)
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -114,6 +114,9 @@ class CheckpointConfig:
     save_every: int = 1000               # steps
     keep_last: int = 3
     resume: str = "auto"                 # auto (latest, if any) | none | <checkpoint dir>
+    # Weights only (DeepSpeed's load_module_only) from this checkpoint folder, native or universal,
+    # when `resume` finds nothing: optimizer, lr schedule and data start afresh at step 0.
+    init_from: str | None = None
 
 
 @dataclass

@@ -93,6 +93,11 @@ def _build_engine(cfg, ds):
         # position embedding are read by the model's own code, not by the timm encoder's forward.
         for p in (module.encoder.cls_token, module.encoder.pos_embed):
             deepspeed.zero.register_external_parameter(module, p)
+    # Marks the checkpoints as convertible by DeepSpeed's ds_to_universal (mirl_ds.engine.universal);
+    # an empty info = no tensor-parallel slicing to describe.
+    from deepspeed.checkpoint.constants import (UNIVERSAL_CHECKPOINT_INFO, UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE})
     optimizer = build_optimizer(module, cfg.optim, lr=0.0)
     engine, optimizer, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, config=ds)
     return engine, optimizer
@@ -163,7 +168,13 @@ def run_pretraining(config_paths: list[str], overrides: list[str], ds_path: str)
                 log.warning("resuming on %d data-parallel ranks instead of %d: the data stream restarts "
                             "at epoch %d", dp_size, len(loaders), loader.epoch)
         if rank == 0:
-            log.info("resumed from step %d (%s)", step, cfg.checkpoint.dir)
+            log.info("resumed from step %d (%s)", step,
+                     cfg.checkpoint.dir if cfg.checkpoint.resume == "auto" else cfg.checkpoint.resume)
+    elif cfg.checkpoint.init_from:
+        source = checkpoints.load_weights(engine, cfg.checkpoint.init_from)
+        if rank == 0:
+            log.info("initialised the weights from %s (step %s of that run); optimizer, schedule and data "
+                     "start at step 0", cfg.checkpoint.init_from, source.get("step"))
 
     batches = loader.forever()
     # Which ranks read data: every rank of a plain engine; the first and last stage of a pipeline.
@@ -247,6 +258,10 @@ def run_pretraining(config_paths: list[str], overrides: list[str], ds_path: str)
             return 0
         if step % cfg.checkpoint.save_every == 0 or step == total:
             save(step)
+    # Resumed from another folder with nothing left to do: the final state still lands in this
+    # run's own checkpoint folder.
+    if checkpoints.any_rank(not os.path.isdir(os.path.join(cfg.checkpoint.dir, checkpoints.tag_for(step)))):
+        save(step)
     return 0
 
 

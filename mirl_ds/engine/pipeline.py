@@ -6,15 +6,23 @@ The layers are :func:`mirl_ds.models.pipeline_layers.segment_layers`: ``[mask to
 segment end.  The partition DeepSpeed computed is checked against exactly that.  The mask token
 is a ``TiedLayerSpec``: each stage keeps a copy, DeepSpeed broadcasts it at start and sums its
 gradients across stages, as the plain model's single shared token would have them.
+
+Parameter names differ between the two layouts: the pipeline calls segment g's parameters
+``"<2g+1>.<key>"`` (the layer's global index) and the token ``"tied_modules.mask_token.weight"``,
+whatever the number of stages; the plain model calls them ``encoder.blocks.<i>…``,
+``decoders.<g>…``, ``mask_token``.  :func:`pipeline_to_model_names` is the map between them
+(universal checkpoints and weight loading use it).
 """
 from __future__ import annotations
 
 from deepspeed.pipe import PipelineModule, TiedLayerSpec
 
 from ..models.mirl import SegmentedAutoencoder
-from ..models.pipeline_layers import LossHead, MaskToken, append_mask_token, segment_layers
+from ..models.pipeline_layers import LossHead, MaskToken, SegmentLayer, segment_layers
 
-__all__ = ["build_pipeline", "expected_parts", "PipelineSetupError"]
+__all__ = ["build_pipeline", "expected_parts", "pipeline_to_model_names", "PipelineSetupError", "TIED_KEY"]
+
+TIED_KEY = "mask_token"
 
 
 class PipelineSetupError(ValueError):
@@ -36,8 +44,7 @@ def build_pipeline(model: SegmentedAutoencoder, num_stages: int, *, checkpoint_b
         raise PipelineSetupError(
             f"parallel.pipeline_stages={num_stages} must divide the {g_count} MIRL segments: a stage "
             f"holds whole segments (use one of {[d for d in range(1, g_count + 1) if g_count % d == 0]})")
-    tied_token = TiedLayerSpec("mask_token", MaskToken, model.mask_token, forward_fn=append_mask_token,
-                               tied_weight_attr=["weight"])
+    tied_token = TiedLayerSpec(TIED_KEY, MaskToken, model.mask_token, tied_weight_attr=["weight"])
     layers = segment_layers(model, checkpoint_blocks, token_layer=tied_token)
     kwargs = {"topology": topology} if topology is not None else {"num_stages": num_stages}
     module = PipelineModule(layers=layers, loss_fn=LossHead(model), partition_method="uniform",
@@ -47,3 +54,14 @@ def build_pipeline(model: SegmentedAutoencoder, num_stages: int, *, checkpoint_b
         raise PipelineSetupError(f"DeepSpeed partitioned the {2 * g_count} layers as {list(module.parts)}, "
                                  f"not at the segment boundaries {want}")
     return module
+
+
+def pipeline_to_model_names(model: SegmentedAutoencoder) -> dict[str, str]:
+    """Every parameter/buffer name of the pipelined model (any stage count) -> the plain model's
+    name for it.  Segment layers carry a copy of the frozen decoder position embedding each;
+    all map to the model's one ``decoder_pos_embed``."""
+    names = {f"tied_modules.{TIED_KEY}.weight": "mask_token"}
+    for index, layer in enumerate(segment_layers(model)):
+        if isinstance(layer, SegmentLayer):
+            names.update({f"{index}.{key}": layer.model_key(key) for key in layer.state_dict()})
+    return names

@@ -32,17 +32,19 @@ from .mirl import SegmentedAutoencoder
 
 
 class MaskToken(nn.Module):
-    """The decoders' shared mask token as a module whose ``weight`` the pipeline ties."""
+    """The decoders' shared mask token as a module whose ``weight`` the pipeline ties.
+
+    Its forward hands the token to the segment layer after it (same stage: the token never
+    crosses a boundary).  Being a layer with its own forward (not a tied ``forward_fn``) matters:
+    DeepSpeed's pipeline saves and loads only layers that are modules, so each stage's copy of
+    the token is written to and restored from its ``layer_<2g>`` file."""
 
     def __init__(self, value: torch.Tensor):
         super().__init__()
         self.weight = nn.Parameter(value.detach().clone())
 
-
-def append_mask_token(module: MaskToken, inputs: tuple) -> tuple:
-    """Forward of the tied mask-token layer: hand the token to the segment layer after it
-    (same stage: it never crosses a boundary)."""
-    return (*inputs, module.weight)
+    def forward(self, inputs: tuple) -> tuple:
+        return (*inputs, self.weight)
 
 
 class SegmentLayer(nn.Module):
@@ -147,5 +149,5 @@ def run_layers(layers: list, imgs: torch.Tensor, seed: torch.Tensor) -> tuple:
     """What the pipeline computes, in one process (tests, and a check of the layer contract)."""
     x: tuple = (imgs, seed)
     for layer in layers:
-        x = append_mask_token(layer, x) if isinstance(layer, MaskToken) else layer(x)
+        x = layer(x)
     return x
