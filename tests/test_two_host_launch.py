@@ -3,8 +3,10 @@
 * through pdsh + ssh (``ssh_cluster`` fixture: a private sshd on both addresses);
 * per node without ssh (``--no_ssh --node_rank 0|1``, two launchers started together).
 
-Each launch runs one rank per host: gloo process group, an all_reduce of the rank, and a
-JSON record per rank (rank, world size, node rank, local rank, the address ssh reached).
+The pdsh launch first runs a probe script, one rank per host: gloo process group, an
+all_reduce of the rank, and a JSON record per rank (rank, world size, node rank, local rank, the
+address ssh reached).  Then the product itself: ``mirl-ds launch`` pre-trains with the two hosts
+as the two pipeline stages, through pdsh and per node without ssh.
 """
 from __future__ import annotations
 
@@ -23,7 +25,7 @@ import pytest
 
 from ssh_cluster import HOSTS, free_port
 
-LAUNCH_TIMEOUT_S = 120.0
+LAUNCH_TIMEOUT_S = 300.0   # generous: a busy 2-core machine; only a hang should hit it
 # On a fresh machine DeepSpeed JIT-compiles its CPU shm comm op at the first init_distributed
 # (~2 min, cached in ~/.cache/torch_extensions): give that first launch room.
 FIRST_BUILD_TIMEOUT_S = 400.0
@@ -153,24 +155,58 @@ def test_two_host_launch_through_pdsh_ssh(ssh_cluster, tmp_path):
     assert recs[0]["prefix"] == venv == recs[1]["prefix"]  # the ranks ran in our venv
 
 
-def test_two_node_launch_without_ssh(tmp_path):
-    script, out = _setup(tmp_path)
+@pytest.fixture(scope="module")
+def manifest(tmp_path_factory) -> str:
+    from mirl_ds.data.sharding import shard_dataset
+
+    root = tmp_path_factory.mktemp("two_host_data")
+    shard_dataset(root / "synthetic", root / "shards", source_kind="synthetic", max_count=32, progress=False)
+    return str(root / "shards" / "train.manifest.json")
+
+
+def _mirl_ds_launch(tmp_path: Path, manifest: str, *launch_args: str) -> list[str]:
+    """`mirl-ds launch` of a 2-step pre-training, the two hosts as the two pipeline stages."""
+    root = Path(__file__).resolve().parents[1]
+    return [str(Path(sys.executable).parent / "mirl-ds"), "launch", "--config", "demo",
+            "--deepspeed_config", str(root / "ds_configs" / "cpu_test.json"), *launch_args,
+            "parallel.pipeline_stages=2", "data.source=shards", f"data.shards={manifest}",
+            "data.micro_batch_size=4", "optim.max_steps=2", f"checkpoint.dir={tmp_path / 'ckpt'}",
+            f"logging.run_dir={tmp_path / 'run'}", "logging.log_every=1"]
+
+
+def _check_pretraining(tmp_path: Path, text: str) -> None:
+    lines = (tmp_path / "run" / "losses.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [1, 2], text
+    assert (tmp_path / "ckpt" / "global_step2" / "layer_07-model_states.pt").exists(), text
+
+
+def test_pretraining_over_two_hosts_through_pdsh_as_two_pipeline_stages(ssh_cluster, manifest, tmp_path):
+    hostfile = ssh_cluster.write_hostfile(tmp_path / "hostfile", slots=1)
+    ssh_cluster.write_deepspeed_env(tmp_path)
+    log = tmp_path / "launcher.log"
+    cmd = _mirl_ds_launch(tmp_path, manifest, "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
+                          "--master_port", str(free_port(["127.0.0.1"])))
+    proc = _spawn(cmd, tmp_path, ssh_cluster.env(), log)
+    _wait_all([proc], [log], 2 * _timeout(), on_timeout=ssh_cluster.kill_strays)
+    text = log.read_text(errors="replace")
+    assert "pdsh" in text and f"{HOSTS[0]}: [rank 0] step 2/2" in text, text   # rank 0 on the first host
+    _check_pretraining(tmp_path, text)
+
+
+def test_pretraining_per_node_without_ssh(manifest, tmp_path):
     hostfile = tmp_path / "hostfile"
     hostfile.write_text("".join(f"{h} slots=1\n" for h in HOSTS))
     port = free_port(["127.0.0.1"])
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     procs, logs = [], []
-    for node in (0, 1):
+    for node in (0, 1):   # what a scheduler does: the same command on every node, its own node rank
         log = tmp_path / f"launcher{node}.log"
-        cmd = [_deepspeed(), "--no_ssh", "--node_rank", str(node), "--hostfile", str(hostfile),
-               "--master_addr", "127.0.0.1", "--master_port", str(port), str(script), str(out)]
+        cmd = _mirl_ds_launch(tmp_path, manifest, "--no_ssh", "--node_rank", str(node), "--hostfile",
+                              str(hostfile), "--master_addr", "127.0.0.1", "--master_port", str(port))
         procs.append(_spawn(cmd, tmp_path, env, log))
         logs.append(log)
-    _wait_all(procs, logs, _timeout())
-
+    _wait_all(procs, logs, 2 * _timeout())
     text = _logs(logs)
-    recs = _records(out)
-    _check_two_ranks(recs, text)
-    assert "pdsh" not in text
-    assert recs[0]["ssh_server_addr"] is None or "SSH_CONNECTION" in os.environ
+    assert "pdsh" not in text and "[rank 0] step 2/2" in text, text
+    _check_pretraining(tmp_path, text)
