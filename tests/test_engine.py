@@ -115,6 +115,13 @@ def piped_run(manifest, tmp_path_factory) -> tuple[dict[int, float], Path]:
     return launch(tmp, manifest, 2, "parallel.pipeline_stages=2"), tmp / "ckpt"
 
 
+def test_deepspeed_csv_monitor_logs_the_losses_of_a_pipeline_run(piped_run):
+    piped, ckpt = piped_run
+    rows = (ckpt.parent / "run" / "monitor" / "pretrain" / "Train_loss.csv").read_text().splitlines()
+    assert rows[0] == "step,loss"
+    assert {int(r.split(",")[0]): float(r.split(",")[1]) for r in rows[1:]} == piped
+
+
 def test_two_pipeline_stages_give_the_plain_models_losses(uninterrupted, piped_run):
     piped, _ = piped_run
     assert sorted(piped) == sorted(uninterrupted) == list(range(1, STEPS + 1))

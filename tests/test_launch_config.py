@@ -116,6 +116,23 @@ def test_gradient_clipping_comes_from_the_yaml_and_a_different_json_value_is_ref
     assert "gradient_clipping=0.5" in refusal(demo("optim.grad_clip=1.0"), {"gradient_clipping": 0.5})
 
 
+def test_deepspeed_monitor_comes_from_the_yaml_logging_keys():
+    ds = resolve_ds_config(demo("logging.run_dir=runs/x", "logging.csv=true"), {}, 1, "x.json", accelerator="cuda")
+    assert ds["csv_monitor"] == {"enabled": True, "output_path": "runs/x/monitor", "job_name": "pretrain"}
+    assert ds["tensorboard"]["enabled"] is False
+    assert "'csv_monitor' section" in refusal(demo(), {"csv_monitor": {"enabled": True}})
+
+
+def test_tensorboard_without_its_package_is_refused_or_enabled_with_it():
+    import importlib.util
+
+    cfg = demo("logging.tensorboard=true")
+    if importlib.util.find_spec("tensorboard") is None:
+        assert "pip install tensorboard" in refusal(cfg, {})
+    else:
+        assert resolve_ds_config(cfg, {}, 1, "x.json", accelerator="cuda")["tensorboard"]["enabled"]
+
+
 def test_steps_per_print_is_quietened_and_unknown_keys_pass_through():
     src = {"wall_clock_breakdown": True, "some_future_key": {"a": 1}}
     ds = resolve_ds_config(demo(), src, 1, "x.json", accelerator="cuda")

@@ -7,6 +7,8 @@ YAML and refuses every contradiction with one sentence, so a mismatch is found a
 and not as an assertion inside ``deepspeed.initialize`` on every rank.
 """
 import copy
+import importlib.util
+import os
 import json
 from pathlib import Path
 
@@ -86,6 +88,7 @@ def resolve_ds_config(cfg: RunConfig, ds_json: dict | str | Path, world_size: in
             problems.append(f"{where} has a {section!r} section: remove it: mirl_ds builds AdamW "
                             f"and the schedule from optim.* in the YAML")
     _resolve_clipping(cfg, ds, where, problems)
+    _resolve_monitors(cfg, ds, where, problems)
     if problems:
         raise DsConfigError(problems)
     ds.setdefault("steps_per_print", QUIET_STEPS_PER_PRINT)
@@ -226,6 +229,23 @@ def _resolve_clipping(cfg, ds, where, problems):
         problems.append(f"{where} sets gradient_clipping={json_clip!r}, but the YAML has "
                         f"{yaml_value}: remove gradient_clipping from the JSON and set "
                         f"optim.grad_clip in the YAML (the YAML decides)")
+
+
+def _resolve_monitors(cfg, ds, where, problems):
+    """DeepSpeed's monitor (CSV, TensorBoard) from ``logging.csv`` / ``logging.tensorboard``,
+    writing under ``<run_dir>/monitor/pretrain``."""
+    for section, key in (("csv_monitor", "csv"), ("tensorboard", "tensorboard")):
+        if section in ds:
+            problems.append(f"{where} has a {section!r} section: remove it and set logging.{key} in the YAML "
+                            f"(the YAML decides; the files go to logging.run_dir/monitor)")
+            continue
+        on = getattr(cfg.logging, key)
+        if on and key == "tensorboard" and importlib.util.find_spec("tensorboard") is None:
+            problems.append("logging.tensorboard=true needs the tensorboard package: pip install tensorboard, "
+                            "or set logging.tensorboard=false (logging.csv writes the same scalars as CSV)")
+            continue
+        ds[section] = {"enabled": on, "output_path": os.path.join(cfg.logging.run_dir, "monitor"),
+                       "job_name": "pretrain"}
 
 
 def _either(values: list[int]) -> str:
