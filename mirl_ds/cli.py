@@ -36,7 +36,7 @@ def cmd_demo(args) -> int:
     files, overrides = _split_args(args.items)
     if args.steps is not None:
         overrides.append(f"optim.max_steps={args.steps}")
-    run_demo(load_config(files or ["demo"], overrides))
+    run_demo(load_config(files or ["demo"], overrides), ranks=args.ranks)
     return 0
 
 
@@ -118,9 +118,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--show-defaults", action="store_true", help="print every key with its default")
     p.set_defaults(func=cmd_check_config)
 
-    p = sub.add_parser("demo", help="short CPU MIRL pre-training on synthetic images + picture")
+    p = sub.add_parser("demo", help="CPU MIRL pre-training on synthetic shards, 2 ranks as 2 pipeline "
+                                    "stages, + reconstruction picture")
     p.add_argument("items", nargs="*", metavar="YAML|key=value", help="default: the shipped demo config")
     p.add_argument("--steps", type=int, help="stop after this many steps")
+    p.add_argument("--ranks", type=int, default=2, choices=(1, 2, 4),
+                   help="CPU ranks = pipeline stages (default 2; G=4 segments split evenly)")
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("launch", aliases=["pretrain"],

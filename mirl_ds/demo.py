@@ -1,7 +1,25 @@
-"""The single-process CPU demo: pre-train a tiny MIRL ViT on the synthetic images, print the
-loss falling, and draw the reconstruction quintuplet."""
-import math
-import time
+"""The CPU demo is the real thing, small: the synthetic images are sharded like ImageNet, a tiny
+MIRL ViT pre-trains under DeepSpeed with 2 CPU ranks as 2 pipeline stages (segments 0–1 on rank
+0, 2–3 on rank 1), checkpoints, and the reconstruction quintuplet is drawn from the checkpoint.
+
+1. ``cfg.data.root``: the synthetic ImageFolder set (generated once), sharded into
+   ``<root>-shards/`` with ``mirl-ds shard``'s code (resumable, so a re-run reuses them).
+2. ``deepspeed --num_gpus <ranks> --module mirl_ds.pretrain …`` — the command ``mirl-ds launch``
+   builds — on ``ds_configs/cpu_test.json`` with ``parallel.pipeline_stages=<ranks>``.  Each run
+   starts afresh (``checkpoint.resume=none``, old checkpoints of the run folder removed).  Rank
+   0's progress lines are shown; DeepSpeed's full output goes to ``<run_dir>/deepspeed.log``.
+3. The newest checkpoint's weights, read across the pipeline's layer files
+   (:func:`mirl_ds.engine.weights.read_weights`), go into the plain model, which draws
+   ``<run_dir>/reconstructions.png`` and is saved as ``<run_dir>/pretrain_model.pt``.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import torch
@@ -13,83 +31,106 @@ from .config import RunConfig, dump_config
 from .data.synthetic import generate_synthetic_imagefolder
 from .data.transforms import pretrain_transform
 from .log import get_logger
-from .train.optim import build_optimizer, set_lr
-from .train.schedule import lr_at, peak_lr
 from .viz.reconstruction import save_quintuplet_png
 
 log = get_logger()
+CPU_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_test.json"
 
 
-class NonFiniteLoss(ValueError):
-    """The loss became NaN/Inf: a bad setting (usually the learning rate), reported by the CLI
-    as one sentence like every other bad-input error."""
+class DemoFailed(ValueError):
+    """Pre-training stopped with an error; the message is the rank's own one sentence."""
 
 
-def demo_loader(cfg: RunConfig) -> DataLoader:
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def demo_shards(cfg: RunConfig) -> Path:
+    """The synthetic training images as WebDataset shards; returns the manifest."""
+    from .data.sharding import shard_dataset
+
     root = Path(cfg.data.root)
-    if cfg.data.source == "synthetic":
-        generate_synthetic_imagefolder(root, cfg.data.synthetic)
-    dataset = ImageFolder(str(root / "train"), transform=pretrain_transform(cfg.data, pretrain_input_size(cfg)))
-    gen = torch.Generator().manual_seed(cfg.seed)
-    return DataLoader(dataset, batch_size=cfg.data.micro_batch_size, shuffle=True, drop_last=True,
-                      num_workers=cfg.data.num_workers, generator=gen)
+    generate_synthetic_imagefolder(root, cfg.data.synthetic)
+    dest = root.with_name(root.name + "-shards")
+    shard_dataset(root, dest, source_kind="synthetic", split="train", prefix="train", max_count=64,
+                  progress=False)
+    return dest / "train.manifest.json"
 
 
-def run_demo(cfg: RunConfig) -> dict:
-    torch.manual_seed(cfg.seed)
+def _launch(cfg: RunConfig, manifest: Path, ranks: int) -> None:
+    from .engine.launch import build_launch_command
+
     run_dir = Path(cfg.logging.run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(dump_config(cfg))
-    loader = demo_loader(cfg)
-    model = build_pretrain_model(cfg)
-    steps_per_epoch = len(loader)
-    total = cfg.optim.max_steps or int(cfg.optim.epochs * steps_per_epoch)
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    peak = peak_lr(cfg.optim, cfg.data.micro_batch_size)
-    optimizer = build_optimizer(model, cfg.optim, peak)
-    n_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    log.info(f"demo: {cfg.objective.name} on {cfg.model.preset} ({n_params / 1e6:.2f}M trainable "
-             f"params, {model.depth} blocks), {len(loader.dataset)} synthetic images, "
-             f"{total} steps of {cfg.data.micro_batch_size}, peak lr {peak:.2e}")
-    losses, step, t0 = [], 0, time.perf_counter()
-    model.train()
-    while step < total:
-        for imgs, _ in loader:
-            if step >= total:
-                break
-            set_lr(optimizer, lr_at(step, total, warmup, peak, cfg.optim))
-            out = model(imgs)
-            if not math.isfinite(out.loss.item()):
-                raise NonFiniteLoss(f"the loss became {out.loss.item()} at step {step}; lower optim.lr "
-                                    f"(now {peak:.2e}) or set optim.grad_clip")
-            optimizer.zero_grad(set_to_none=True)
-            out.loss.backward()
-            if cfg.optim.grad_clip:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-            optimizer.step()
-            model.after_optimizer_step()
-            losses.append(out.loss.item())
-            step += 1
-            if step % cfg.logging.log_every == 0 or step == total:
-                terms = " ".join(f"{k} {v.item():.3f}" for k, v in out.terms.items())
-                rate = step * cfg.data.micro_batch_size / (time.perf_counter() - t0)
-                log.info(f"step {step:4d}/{total}  loss {out.loss.item():.4f}  ({terms})  "
-                         f"lr {optimizer.param_groups[0]['lr']:.2e}  {rate:.0f} img/s")
+    overrides = ["data.source=shards", f"data.shards={manifest}", f"parallel.pipeline_stages={ranks}",
+                 "checkpoint.resume=none"]
+    config = run_dir / "demo_pretrain.yaml"
+    config.write_text(dump_config(cfg))
+    cmd = build_launch_command([config], overrides, CPU_DS_CONFIG, num_gpus=ranks, master_port=_free_port())
+    cmd[0] = str(Path(sys.executable).with_name("deepspeed"))     # the venv's launcher
+    log.info("launching: " + " ".join(cmd))
+    env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)), PYTHONUNBUFFERED="1")
+    errors = []
+    with open(run_dir / "deepspeed.log", "w") as full_log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+        for line in proc.stdout:
+            full_log.write(line)
+            if line.startswith("[rank 0]"):
+                print(line, end="", flush=True)
+            elif line.startswith("error: "):
+                errors.append(line[len("error: "):].strip())
+        proc.wait()
+    if proc.returncode != 0:
+        reason = errors[0] if errors else f"the launcher exited with {proc.returncode}"
+        raise DemoFailed(f"pre-training stopped: {reason} (DeepSpeed's output: {run_dir / 'deepspeed.log'})")
+
+
+def _loss_summary(run_dir: Path) -> tuple[float, float, int]:
+    losses = [json.loads(line)["loss"] for line in (run_dir / "losses.jsonl").read_text().splitlines()]
     window = max(1, min(20, len(losses) // 4))
     first, last = sum(losses[:window]) / window, sum(losses[-window:]) / window
     log.info(f"loss fell from {first:.4f} (mean of the first {window} steps) to {last:.4f} "
              f"(mean of the last {window})")
+    return first, last, len(losses)
+
+
+def run_demo(cfg: RunConfig, ranks: int = 2) -> dict:
+    from .engine.weights import read_weights
+
+    run_dir = Path(cfg.logging.run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "losses.jsonl").unlink(missing_ok=True)
+    ckpt = Path(cfg.checkpoint.dir)
+    if ckpt.resolve().is_relative_to(run_dir.resolve()):
+        shutil.rmtree(ckpt, ignore_errors=True)          # a fresh demo, not a resumed one
+    manifest = demo_shards(cfg)
+    _launch(cfg, manifest, ranks)
+    first, last, steps = _loss_summary(run_dir)
+
+    weights, layout = read_weights(ckpt)
+    model = build_pretrain_model(cfg)
+    model.load_state_dict(weights)
     torch.save({"model": model.state_dict(), "config": dump_config(cfg)}, run_dir / "pretrain_model.pt")
+    log.info(f"read the trained weights from the {layout} checkpoint in {ckpt}")
     picture = None
     if cfg.objective.degradation.kind == "none":  # the quintuplet is drawn for masking alone
-        picture = _draw(model, loader, cfg, run_dir / "reconstructions.png")
+        picture = _draw(model, cfg, run_dir / "reconstructions.png")
         log.info(f"wrote {picture} (original | masked | reconstruction | residual | main component)")
-    return {"first_loss": first, "last_loss": last, "steps": total, "picture": picture and str(picture)}
+    return {"first_loss": first, "last_loss": last, "steps": steps, "picture": picture and str(picture)}
+
+
+def demo_loader(cfg: RunConfig) -> DataLoader:
+    """The synthetic training images with the pre-training transform (for the picture)."""
+    dataset = ImageFolder(str(Path(cfg.data.root) / "train"),
+                          transform=pretrain_transform(cfg.data, pretrain_input_size(cfg)))
+    return DataLoader(dataset, batch_size=min(8, cfg.data.micro_batch_size), shuffle=True,
+                      generator=torch.Generator().manual_seed(cfg.seed))
 
 
 @torch.no_grad()
-def _draw(model, loader: DataLoader, cfg: RunConfig, path: Path) -> Path:
+def _draw(model, cfg: RunConfig, path: Path) -> Path:
     model.eval()
-    imgs, _ = next(iter(loader))
+    imgs, _ = next(iter(demo_loader(cfg)))
     out = model(imgs, generator=torch.Generator().manual_seed(cfg.seed))
     return save_quintuplet_png(path, imgs, out, model.patch, cfg.data.mean, cfg.data.std)

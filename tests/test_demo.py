@@ -1,4 +1,4 @@
-"""The CPU demo and its reconstruction picture."""
+"""The CPU demo (2 DeepSpeed ranks as 2 pipeline stages) and its reconstruction picture."""
 import subprocess
 import sys
 
@@ -19,14 +19,20 @@ def tiny_demo_overrides(tmp_path, steps):
             "data.synthetic.image_size=32", "data.micro_batch_size=16"]
 
 
-def test_demo_loss_falls_and_picture_is_written(tmp_path):
-    cfg = load_config(["demo"], tiny_demo_overrides(tmp_path, 40))
-    result = run_demo(cfg)
-    assert result["last_loss"] < 0.9 * result["first_loss"]
+def test_demo_pretrains_as_two_pipeline_stages_loss_falls_and_picture_is_written(tmp_path):
+    cfg = load_config(["demo"], tiny_demo_overrides(tmp_path, 40) + [f"checkpoint.dir={tmp_path}/run/ckpt"])
+    result = run_demo(cfg, ranks=2)
+    assert result["steps"] == 40 and result["last_loss"] < 0.9 * result["first_loss"]
     picture = Image.open(result["picture"])
     assert picture.size[0] > 5 * 32  # five columns
-    assert (tmp_path / "run" / "config.yaml").is_file()
-    assert (tmp_path / "run" / "pretrain_model.pt").is_file()
+    run = tmp_path / "run"
+    assert (run / "config.yaml").is_file() and (run / "deepspeed.log").is_file()
+    assert "pipeline_stages: 2" in (run / "config.yaml").read_text()
+    assert (run / "ckpt" / "global_step40" / "layer_03-model_states.pt").is_file()   # 2 segments, 4 layers
+    # The saved plain-model weights are the pipeline checkpoint's, renamed.
+    saved = torch.load(run / "pretrain_model.pt", weights_only=False)["model"]
+    last_layer = torch.load(run / "ckpt" / "global_step40" / "layer_03-model_states.pt", weights_only=True)
+    assert torch.equal(saved["decoders.1.pred.bias"], last_layer["decoder.pred.bias"])
 
 
 def test_quintuplet_pastes_visible_patches_and_splits_main_and_residual():
@@ -60,5 +66,5 @@ def test_non_finite_loss_stops_the_demo_with_one_sentence(tmp_path):
     result = subprocess.run([sys.executable, "-m", "mirl_ds", "demo", *overrides],
                             capture_output=True, text=True)
     assert result.returncode == 2, result.stderr
-    assert "the loss became" in result.stderr and "lower optim.lr" in result.stderr
+    assert "pre-training stopped: the loss is" in result.stderr and "lower optim.lr" in result.stderr
     assert "Traceback" not in result.stderr

@@ -25,9 +25,9 @@ from pathlib import Path
 
 import torch
 
-from .checkpoints import CLIENT_KEY, NoCheckpoint, list_tags
+from .weights import model_on_meta, resolve_tag_folder, stored_state
 
-__all__ = ["UniversalError", "convert", "is_universal", "stored_state", "add_name_aliases"]
+__all__ = ["UniversalError", "convert", "is_universal", "add_name_aliases"]
 
 
 class UniversalError(ValueError):
@@ -40,47 +40,13 @@ def is_universal(path: str | os.PathLike) -> bool:
     return (path / "zero").is_dir() and bool(glob.glob(str(path / "*model_states.pt")))
 
 
-def _tag_folder(src: str) -> Path:
-    """``src`` as a ``global_step<N>`` folder: itself, or its newest tag when it is a checkpoint dir."""
-    path = Path(src).resolve()
-    if not path.is_dir():
-        raise NoCheckpoint(f"{src}: no such checkpoint folder")
-    if glob.glob(str(path / "*model_states.pt")):
-        return path
-    latest = path / "latest"
-    tag = latest.read_text().strip() if latest.is_file() else next(iter(list_tags(str(path))), None)
-    if tag is None or not (path / tag).is_dir():
-        raise NoCheckpoint(f"{src}: neither a checkpoint (global_step<N>/) nor a folder of them; point it "
-                           f"at one, e.g. runs/<run>/checkpoints/global_step1000")
-    return path / tag
-
-
-def stored_state(tag_dir: str | os.PathLike) -> dict:
-    """The project's client state (step, config text, …) saved with a checkpoint."""
-    files = sorted(glob.glob(os.path.join(tag_dir, "*mp_rank_*_model_states.pt")))
-    if not files:
-        raise NoCheckpoint(f"{tag_dir}: no DeepSpeed model-state file (mp_rank_*_model_states.pt) in it")
-    state = torch.load(files[0], map_location="cpu", weights_only=False).get(CLIENT_KEY)
-    if state is None:
-        raise UniversalError(f"{files[0]} holds no mirl_ds state: it was not written by mirl_ds.pretrain")
-    return state
-
-
-def _model_on_meta(config_text: str):
-    from ..build import build_pretrain_model
-    from ..config.loader import config_from_text
-
-    with torch.device("meta"):
-        return build_pretrain_model(config_from_text(config_text))
-
-
 def add_name_aliases(universal_dir: str | os.PathLike, config_text: str) -> int:
     """Symlink every parameter folder under its name in the other layout; returns how many."""
     from .pipeline import pipeline_to_model_names
 
     zero = Path(universal_dir) / "zero"
     added = 0
-    for piped, plain in pipeline_to_model_names(_model_on_meta(config_text)).items():
+    for piped, plain in pipeline_to_model_names(model_on_meta(config_text)).items():
         for have, alias in ((piped, plain), (plain, piped)):
             if (zero / have).is_dir() and not (zero / alias).exists():
                 os.symlink(have, zero / alias)      # relative: the folder can be moved or copied
@@ -103,7 +69,7 @@ def convert(src: str, out: str | None = None, *, quiet: bool = True) -> Path:
     DeepSpeed's converter also writes ``latest_universal`` in ``out``'s parent."""
     from deepspeed.checkpoint import ds_to_universal
 
-    tag_dir = _tag_folder(src)
+    tag_dir = resolve_tag_folder(src)
     _check_zero_shards(tag_dir)
     state = stored_state(tag_dir)
     out_dir = Path(out).resolve() if out else tag_dir.with_name(tag_dir.name + "_universal")
