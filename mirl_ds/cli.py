@@ -46,7 +46,7 @@ def cmd_launch(args) -> int:
         args.config, args.overrides, args.deepspeed_config, hostfile=args.hostfile,
         include=args.include, exclude=args.exclude, num_gpus=args.num_gpus,
         num_nodes=args.num_nodes, master_addr=args.master_addr, master_port=args.master_port,
-        no_ssh=args.no_ssh, node_rank=args.node_rank)
+        no_ssh=args.no_ssh, node_rank=args.node_rank, module=getattr(args, "module", "mirl_ds.pretrain"))
     print(shlex.join(cmd), flush=True)  # flushed: exec replaces the process and its buffers
     if args.dry_run:
         return 0
@@ -82,6 +82,19 @@ def add_launch_arguments(p: argparse.ArgumentParser) -> None:
                    help="check everything and print the deepspeed command without running it")
 
 
+def cmd_eval(args) -> int:
+    from .engine.evaluate import evaluate_checkpoint
+
+    res = evaluate_checkpoint(args.checkpoint, args.val, args.batch, args.out)
+    for kind in ("raw", "ema"):
+        if kind in res:
+            r = res[kind]
+            print(f"{kind}: top-1 {r['top1']:.2f}  top-5 {r['top5']:.2f}  ({r['samples']} images, "
+                  f"{r['skipped']} skipped)")
+    print(f"wrote {res['written']}")
+    return 0
+
+
 def cmd_universal(args) -> int:
     from .engine.checkpoints import NoCheckpoint
     from .engine.universal import UniversalError, convert
@@ -94,6 +107,17 @@ def cmd_universal(args) -> int:
     print(f"wrote the universal checkpoint {out}\n"
           f"resume it on any pipeline/data-parallel layout (with a ZeRO DeepSpeed config): "
           f"checkpoint.resume={out}")
+    return 0
+
+
+def cmd_probe(args) -> int:
+    from .probe import run_probe  # imports torch: keep `check-config` fast
+    run_probe(args.checkpoint, args.train, args.val, args.kind, num_blocks=args.blocks,
+              epochs=args.epochs, warmup_epochs=args.warmup_epochs, batch_size=args.batch,
+              lr=args.lr, base_lr=args.base_lr, weight_decay=args.weight_decay, seed=args.seed,
+              img_size=args.img_size, global_pool=args.global_pool, out_dir=args.out,
+              augment=args.augment, cache=not args.no_cache, num_workers=args.workers,
+              config=load_config(args.config) if args.config else None)
     return 0
 
 
@@ -134,6 +158,21 @@ def build_parser() -> argparse.ArgumentParser:
     add_launch_arguments(p)
     p.set_defaults(func=cmd_launch)
 
+    p = sub.add_parser("finetune", help="check the fine-tuning + DeepSpeed configs, then start `deepspeed` "
+                                        "on mirl_ds.finetune",
+                       description="Fine-tune the encoder of a pre-training checkpoint (finetune.init) for "
+                                   "classification: the same launch options as `mirl-ds launch`.")
+    add_launch_arguments(p)
+    p.set_defaults(func=cmd_launch, module="mirl_ds.finetune")
+
+    p = sub.add_parser("eval", help="top-1/top-5 of a fine-tuning checkpoint (raw and EMA weights)")
+    p.add_argument("checkpoint", help="a fine-tuning checkpoint folder (or its run's checkpoints dir), "
+                                      "or a best_raw.pt / best_ema.pt file")
+    p.add_argument("--val", help="validation manifest (default: the run's finetune.val_shards)")
+    p.add_argument("--batch", type=int, help="batch size (default: the run's data.micro_batch_size)")
+    p.add_argument("--out", help="JSON to write (default: <run_dir>/eval.json)")
+    p.set_defaults(func=cmd_eval)
+
     p = sub.add_parser("universal", help="convert a ZeRO checkpoint for another pipeline/data-parallel layout",
                        description="Run DeepSpeed's ds_to_universal on a checkpoint and add the parameter "
                                    "names of the other layout (pipeline <-> plain model), so that it resumes "
@@ -147,6 +186,35 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("shard", help="write WebDataset tar shards + manifest (local or s3://)")
     sharding.add_arguments(p)
     p.set_defaults(func=cmd_shard)
+
+    p = sub.add_parser("probe", help="linear or non-linear probe of a frozen pre-trained encoder",
+                       description="Train a linear (BatchNorm + Linear, MAE's recipe) or non-linear "
+                                   "(k Transformer blocks + Linear, Beyond Masking) probe on the frozen "
+                                   "encoder of a checkpoint, one process; features are computed once and "
+                                   "cached unless --augment. Writes <out>/probe.json.")
+    p.add_argument("checkpoint", help="a pre-training checkpoint: DeepSpeed folder (any layout) or .pt file")
+    p.add_argument("--train", required=True, metavar="MANIFEST", help="training shards' manifest")
+    p.add_argument("--val", required=True, metavar="MANIFEST", help="validation shards' manifest")
+    p.add_argument("--kind", choices=("linear", "nonlinear"), default="linear")
+    p.add_argument("--blocks", type=int, default=2, help="non-linear probe: Transformer blocks (default 2)")
+    p.add_argument("--epochs", type=int, help="default 90 (MAE)")
+    p.add_argument("--warmup-epochs", type=float, help="default: 10/90 of --epochs")
+    p.add_argument("--batch", type=int, help="batch size (default 256)")
+    p.add_argument("--lr", type=float, help="peak lr (default: base lr x batch / 256)")
+    p.add_argument("--base-lr", type=float, help="default 0.1 (linear, LARS) or 5e-4 (non-linear, AdamW)")
+    p.add_argument("--weight-decay", type=float, help="default 0 (linear) or 0.05 (non-linear)")
+    p.add_argument("--img-size", type=int, help="default: the pre-training config's")
+    p.add_argument("--global-pool", choices=("avg", "token"), default="avg",
+                   help="linear probe feature: mean of patch tokens + fc_norm (MAE, default) or cls token")
+    p.add_argument("--augment", action="store_true",
+                   help="RandomResizedCrop + flip on the training images (features recomputed every batch)")
+    p.add_argument("--no-cache", action="store_true", help="recompute features every epoch")
+    p.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="runs/probe", help="output folder (default runs/probe)")
+    p.add_argument("--config", action="append", metavar="YAML",
+                   help="pre-training config, for a checkpoint that keeps none")
+    p.set_defaults(func=cmd_probe)
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)

@@ -142,6 +142,33 @@ class ParallelConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Fine-tuning the encoder for classification (``mirl-ds finetune``; SPEC §3).  The optimizer,
+    schedule and batch come from ``optim``/``data`` as for pre-training; the shipped
+    ``finetune_*`` configs set the fine-tuning recipe there (betas 0.9/0.999, base lr 7.5e-4…)."""
+    # Pre-training checkpoint to start from: a DeepSpeed checkpoint folder of any layout
+    # (pipeline, ZeRO-1/2/3, universal) or a {'model': state_dict} file (MAE's format);
+    # none = from random initialisation (the scratch baseline).
+    init: str | None = None
+    val_shards: str | None = None        # validation manifest (`mirl-ds shard … --split val`)
+    num_classes: int | None = None       # default: the training manifest's class count
+    global_pool: str = "avg"             # avg (MAE: mean of patch tokens + fc_norm) | token
+    drop_path: float = 0.1
+    layer_decay: float = 0.75            # lr × decay^(depth+1-layer); MAE's grouping via timm
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1"
+    re_prob: float = 0.25                # random erasing
+    mixup: float = 0.8
+    cutmix: float = 1.0
+    label_smoothing: float = 0.1
+    ema_decay: float = 0.9998            # 0 disables the EMA of the weights
+    eval_every: int = 0                  # steps between evaluations; 0 = once per epoch and at the end
+    # Initialisation studies (MIRL §3): re-initialise the last k blocks after loading, or take
+    # only the first k blocks from the checkpoint (a truncated pre-training).
+    reinit_last: int = 0
+    pretrained_blocks: int | None = None
+
+
+@dataclass
 class RunConfig:
     name: str = "mirl"
     seed: int = 0
@@ -152,3 +179,4 @@ class RunConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    finetune: FinetuneConfig = field(default_factory=FinetuneConfig)

@@ -106,6 +106,10 @@ def build_finetune_criterion(mixup_fn, label_smoothing: float = 0.1) -> nn.Modul
     return nn.CrossEntropyLoss()
 
 
+_AUGMENT_TRIES = 4
+_POSTERIZE_ZERO_BITS = "bits must be between"
+
+
 class DraftDecoder:
     """Raw image bytes -> ``transform(PIL RGB image)``, decoded at JPEG draft factor
     ``s`` in {1, 2, 4, 8}: the largest with ``min_side(W, H) / s >= need`` for the image's
@@ -125,6 +129,21 @@ class DraftDecoder:
         self.max_draft_scale = int(max_draft_scale)
         self.last_draft_scale = 1
 
+    def reseed(self, seed) -> None:
+        """Seed what timm's transforms draw from — Python's ``random`` (crop, RandAugment's
+        magnitudes, erasing), numpy's global generator (RandAugment's op choice) and torch's
+        (erasing's noise) — so the augmentation of a sample is a function of its stream position
+        (the loader calls this before each sample; a resumed run augments identically)."""
+        import random
+
+        import numpy as np
+
+        value = int(np.random.SeedSequence(list(seed) if isinstance(seed, (list, tuple)) else seed)
+                    .generate_state(1)[0])
+        random.seed(value)
+        np.random.seed(value)
+        torch.default_generator.manual_seed(value)   # CPU only: torch.manual_seed also queues CUDA seeding (~ms)
+
     def draft_scale(self, width: int, height: int) -> int:
         side = self.min_side(width, height)
         if not self.draft:
@@ -138,7 +157,16 @@ class DraftDecoder:
         if img.mode != "RGB":
             img = img.convert("RGB")
         self.last_draft_scale = s
-        return self.transform(img)
+        for attempt in range(_AUGMENT_TRIES):
+            try:
+                return self.transform(img)
+            except ValueError as e:
+                # timm's RandAugment ("inc1") posterizes to 4 - int(4 * level / 10) bits, 0 at the
+                # top magnitude that mstd noise reaches, which Pillow >= 9 refuses (older Pillow
+                # made the image black).  The sample is not lost: augment it again (the random
+                # stream goes on, so the next draw differs and stays a function of the position).
+                if _POSTERIZE_ZERO_BITS not in str(e) or attempt == _AUGMENT_TRIES - 1:
+                    raise
 
 
 def _smallest_rrc_side(width: int, height: int, scale: Sequence[float],

@@ -57,12 +57,17 @@ def save(engine, ckpt_dir: str, step: int, state: dict, keep_last: int) -> str:
 
 def _load_tag(engine, base: str, tag: str, weights_only: bool):
     """``engine.load_checkpoint`` of ``base/tag``, native or universal."""
-    from .universal import is_universal
+    from .universal import converted_from_zero3, is_universal
 
     universal = is_universal(os.path.join(base, tag))
     if universal and not engine.zero_optimization():
         raise NoCheckpoint(f"{base}/{tag} is a universal checkpoint, which DeepSpeed loads through a ZeRO "
                            f"optimizer: use a DeepSpeed config with zero_optimization.stage 1, 2 or 3")
+    if universal and converted_from_zero3(os.path.join(base, tag)) != (engine.zero_optimization_stage() == 3):
+        # DeepSpeed 0.19 writes and reads the optimizer's common state differently for ZeRO-3.
+        raise NoCheckpoint(f"{base}/{tag} was converted from a ZeRO-{'3' if converted_from_zero3(os.path.join(base, tag)) else '1/2'} "
+                           f"checkpoint, and DeepSpeed resumes universal checkpoints only within ZeRO-3 or within "
+                           f"ZeRO-1/2: use a DeepSpeed config of that family (any pipeline/data-parallel layout)")
     # DeepSpeed reads "checkpoint": {"load_universal": ...} only when loading, so it is set here
     # per folder: a run may resume its own native checkpoints and start from a universal one.
     engine._config.load_universal_checkpoint = universal

@@ -27,7 +27,7 @@ import torch
 
 from .weights import model_on_meta, resolve_tag_folder, stored_state
 
-__all__ = ["UniversalError", "convert", "is_universal", "add_name_aliases"]
+__all__ = ["UniversalError", "convert", "converted_from_zero3", "is_universal", "add_name_aliases"]
 
 
 class UniversalError(ValueError):
@@ -53,6 +53,11 @@ def add_name_aliases(universal_dir: str | os.PathLike, config_text: str) -> int:
                 added += 1
                 break
     return added
+
+
+def converted_from_zero3(universal_dir: str | os.PathLike) -> bool:
+    """Whether a universal folder came from a ZeRO-3 checkpoint (its per-rank model-state files)."""
+    return bool(glob.glob(os.path.join(universal_dir, "zero_pp_rank_*_model_states.pt")))
 
 
 def _check_zero_shards(tag_dir: Path) -> None:

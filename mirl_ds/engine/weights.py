@@ -89,13 +89,27 @@ def _from_pipeline(tag_dir: Path, files: list[str]) -> dict[str, torch.Tensor]:
     return out
 
 
+def _param_shapes(folder: Path) -> dict[str, torch.Size]:
+    """Parameter shapes DeepSpeed recorded in a checkpoint's model-state files."""
+    shapes: dict[str, torch.Size] = {}
+    for f in sorted(folder.glob("*model_states.pt")):
+        for group in torch.load(f, map_location="cpu", weights_only=False).get("param_shapes") or []:
+            shapes.update(group)
+    return shapes
+
+
 def _from_universal(folder: Path) -> dict[str, torch.Tensor]:
+    shapes = _param_shapes(folder)      # ZeRO-3 conversions store the parameters flattened
     out = {}
     for d in sorted((folder / "zero").iterdir()):
         # Plain-model names only: the pipeline aliases start with a layer index or tied_modules.
         if d.name[0].isdigit() or d.name.startswith("tied_modules.") or not (d / "fp32.pt").exists():
             continue
-        out[d.name] = torch.load(d / "fp32.pt", map_location="cpu", weights_only=False)["param"].float()
+        saved = torch.load(d / "fp32.pt", map_location="cpu", weights_only=False)
+        # {"param": tensor, …} from ZeRO-1/2 conversions; the bare tensor from ZeRO-3 ones.
+        tensor = (saved["param"] if isinstance(saved, dict) else saved).float()
+        shape = shapes.get(d.name)
+        out[d.name] = tensor.view(shape) if shape is not None and tensor.numel() == shape.numel() else tensor
     return out
 
 
@@ -128,7 +142,7 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], str]
                     if _LAYER_FILE.match(os.path.basename(f)))
     if layers:
         return _from_pipeline(tag_dir, layers), "pipeline"
-    files = sorted(glob.glob(str(tag_dir / "mp_rank_*_model_states.pt")))
+    files = sorted(glob.glob(str(tag_dir / "*mp_rank_*_model_states.pt")))   # ZeRO-3: zero_pp_rank_<r>_…
     module = torch.load(files[0], map_location="cpu", weights_only=False).get("module") or {}
     # The module as saved: every tensor in the training precision (ZeRO-3: empty placeholders).
     out = {k: v.float() if v.is_floating_point() else v for k, v in module.items() if v.numel()}

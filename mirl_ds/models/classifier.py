@@ -47,8 +47,12 @@ class LinearProbe(_FrozenEncoderProbe):
         with torch.no_grad():
             return self.encoder.forward_head(self.encoder.forward_features(imgs), pre_logits=True)
 
+    def classify(self, features: torch.Tensor) -> torch.Tensor:
+        """Logits from features [N, D] (live or cached): the only trainable part."""
+        return self.head(features)
+
     def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        return self.head(self.features(imgs))
+        return self.classify(self.features(imgs))
 
 
 class NonLinearProbe(_FrozenEncoderProbe):
@@ -68,9 +72,13 @@ class NonLinearProbe(_FrozenEncoderProbe):
         with torch.no_grad():
             return self.encoder.forward_features(imgs)      # [N, 1+L, D], frozen
 
-    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
-        x = self.blocks(self.tokens(imgs))
+    def classify(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Logits from the frozen tokens [N, 1+L, D] (live or cached): blocks, norm, head."""
+        x = self.blocks(tokens)
         return self.head(self.norm(x[:, 1:, :].mean(dim=1)))
+
+    def forward(self, imgs: torch.Tensor) -> torch.Tensor:
+        return self.classify(self.tokens(imgs))
 
 
 @dataclass

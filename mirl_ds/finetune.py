@@ -1,0 +1,32 @@
+"""DeepSpeed fine-tuning entry point, one process per rank.
+
+    deepspeed [--hostfile hostfiles/…] --module mirl_ds.finetune --config <yaml> \\
+        --deepspeed_config ds_configs/<json> [key=value …]
+
+(``mirl-ds finetune`` builds and checks this command.)  Each rank builds the classification
+ViT, initialised from ``finetune.init`` (a pre-training checkpoint of any layout), streams its
+data-parallel share of the training shards, evaluates raw and EMA weights on
+``finetune.val_shards``, checkpoints and resumes (:mod:`mirl_ds.engine.finetune_loop`).
+"""
+from __future__ import annotations
+
+import sys
+
+from .pretrain import parse_args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    from .engine.checkpoints import NoCheckpoint
+    from .engine.finetune_loop import run_finetuning
+    from .engine.loop import TrainingError
+
+    try:
+        return run_finetuning(args.config, args.overrides, args.deepspeed_config)
+    except (TrainingError, NoCheckpoint) as e:
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        return 2
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
