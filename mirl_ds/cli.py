@@ -110,6 +110,12 @@ def cmd_universal(args) -> int:
     return 0
 
 
+def cmd_export(args) -> int:
+    from .export import export  # imports torch: keep `check-config` fast
+    print(export(args.checkpoint, args.out, what=args.what, num_heads=args.num_heads).summary())
+    return 0
+
+
 def cmd_probe(args) -> int:
     from .probe import run_probe  # imports torch: keep `check-config` fast
     run_probe(args.checkpoint, args.train, args.val, args.kind, num_blocks=args.blocks,
@@ -187,6 +193,19 @@ def build_parser() -> argparse.ArgumentParser:
     sharding.add_arguments(p)
     p.set_defaults(func=cmd_shard)
 
+    p = sub.add_parser("export", help="a checkpoint's encoder (or fine-tuned classifier) as timm weights",
+                       description="Write the encoder, or the fine-tuned classifier, of a checkpoint of any "
+                                   "layout as a plain state dict with timm VisionTransformer names "
+                                   "(.safetensors or .pth) plus <out>.json saying which timm model it loads "
+                                   "into with strict=True.")
+    p.add_argument("checkpoint", help="a DeepSpeed checkpoint folder (any layout) or a .pt/.pth file")
+    p.add_argument("out", help="output weights, *.safetensors or *.pth")
+    p.add_argument("--what", choices=("auto", "encoder", "classifier"), default="auto",
+                   help="auto (default): the classifier of a fine-tuned checkpoint, else the encoder")
+    p.add_argument("--num-heads", type=int, help="attention heads, for a checkpoint that keeps no config "
+                                                 "(default: its config's, else width / 64)")
+    p.set_defaults(func=cmd_export)
+
     p = sub.add_parser("probe", help="linear or non-linear probe of a frozen pre-trained encoder",
                        description="Train a linear (BatchNorm + Linear, MAE's recipe) or non-linear "
                                    "(k Transformer blocks + Linear, Beyond Masking) probe on the frozen "
@@ -218,8 +237,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
-    from .bench import data_bench, model_bench, shard_bench
+    from .bench import data_bench, infer_bench, model_bench, shard_bench
     for name, module, what in (("model", model_bench, "one pre-training step vs the matmul rate"),
+                               ("infer", infer_bench, "classifier img/s per preset, ratios to ViT-B (supp. Table 4)"),
                                ("data", data_bench, "input pipeline img/s per core vs torchvision"),
                                ("shard", shard_bench, "sharding throughput vs tar -cf")):
         module.add_arguments(bench.add_parser(name, help=what))

@@ -275,3 +275,17 @@ def test_four_ranks_two_stages_two_replicas_train_and_stages_of_a_replica_see_th
         assert seen[(dp, 0)] == seen[(dp, 1)]                      # same keys, same order
     replica = [{k for _, _, keys in seen[(dp, 0)] for k in keys} for dp in (0, 1)]
     assert replica[0] and replica[1] and not replica[0] & replica[1]   # disjoint across replicas
+
+
+def test_export_of_a_pipeline_checkpoint_loads_into_timm_strictly(piped_run, tmp_path):
+    """`mirl-ds export` on the pipeline run's layer files (reused, no new launch)."""
+    from mirl_ds.engine.weights import read_weights
+    from mirl_ds.export import export, load_exported
+
+    _, ckpt = piped_run
+    result = export(ckpt, tmp_path / "encoder.safetensors")
+    assert (result.layout, result.what, result.num_heads_from) == ("pipeline", "encoder", "config")
+    model = load_exported(tmp_path / "encoder.safetensors")       # strict=True inside
+    weights, _ = read_weights(ckpt)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, weights[f"encoder.{name}"]), name
