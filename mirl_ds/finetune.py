@@ -10,22 +10,13 @@ data-parallel share of the training shards, evaluates raw and EMA weights on
 """
 from __future__ import annotations
 
-import sys
-
-from .pretrain import parse_args
+from .pretrain import run_entry
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    from .engine.checkpoints import NoCheckpoint
     from .engine.finetune_loop import run_finetuning
-    from .engine.loop import TrainingError
 
-    try:
-        return run_finetuning(args.config, args.overrides, args.deepspeed_config)
-    except (TrainingError, NoCheckpoint) as e:
-        print(f"error: {e}", file=sys.stderr, flush=True)
-        return 2
+    return run_entry(run_finetuning, argv)
 
 
 if __name__ == "__main__":

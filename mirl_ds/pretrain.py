@@ -25,16 +25,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def main(argv: list[str] | None = None) -> int:
+def run_entry(run, argv: list[str] | None = None) -> int:
+    """Parse a rank's arguments and call ``run(configs, overrides, ds_json)``; a bad input is one
+    ``error:`` line and exit status 2, never a traceback."""
     args = parse_args(argv)
     from .engine.checkpoints import NoCheckpoint
-    from .engine.loop import run_pretraining, TrainingError
+    from .engine.loop import TrainingError
 
     try:
-        return run_pretraining(args.config, args.overrides, args.deepspeed_config)
+        return run(args.config, args.overrides, args.deepspeed_config)
     except (TrainingError, NoCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .engine.loop import run_pretraining
+
+    return run_entry(run_pretraining, argv)
 
 
 if __name__ == "__main__":

@@ -27,44 +27,39 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ..config.loader import ConfigError, dump_config, load_config
-from ..config.validate import validate_config
+from ..config.loader import dump_config
 from ..log import get_logger
 from . import checkpoints
-from .loop import TrainingError, _StopFlag, micro_seed
+from .loop import TrainingError, _StopFlag, load_run, micro_seed
 
 log = get_logger()
 
 
-def _load(config_paths, overrides, ds_path):
-    from ..data.manifest import load_manifest
-    from .ds_config import resolve_ds_config
-
-    try:
-        cfg = load_config(config_paths, overrides)
-    except (ConfigError, ValueError, FileNotFoundError) as e:
-        raise TrainingError(str(e)) from None
-    problems = validate_config(cfg)
+def _finetuning_problems(cfg) -> list[str]:
+    problems = []
     if cfg.data.source != "shards" or not cfg.data.shards:
         problems.append("fine-tuning streams shards: set data.source=shards and data.shards=<train manifest> "
                         "(make them with `mirl-ds shard`)")
     if cfg.parallel.pipeline_stages != 1:
         problems.append(f"parallel.pipeline_stages={cfg.parallel.pipeline_stages}: fine-tuning is data-parallel "
                         f"only; set parallel.pipeline_stages=1 (ZeRO shards the optimizer instead)")
-    if cfg.finetune.mixup > 0 or cfg.finetune.cutmix > 0:
-        if cfg.data.micro_batch_size % 2:
-            problems.append(f"data.micro_batch_size={cfg.data.micro_batch_size} must be even for mixup/cutmix "
-                            f"(timm mixes a batch with its flip); use an even size or finetune.mixup=0 cutmix=0")
-    if problems:
-        raise TrainingError("; ".join(problems))
-    try:
-        ds = resolve_ds_config(cfg, ds_path, dist.get_world_size())
-        manifest = load_manifest(cfg.data.shards)
-    except (ValueError, FileNotFoundError) as e:
-        raise TrainingError(str(e)) from None
+    if (cfg.finetune.mixup > 0 or cfg.finetune.cutmix > 0) and cfg.data.micro_batch_size % 2:
+        problems.append(f"data.micro_batch_size={cfg.data.micro_batch_size} must be even for mixup/cutmix "
+                        f"(timm mixes a batch with its flip); use an even size or finetune.mixup=0 cutmix=0")
+    return problems
+
+
+def _load(config_paths, overrides, ds_path):
+    from ..data.manifest import load_manifest
+
+    cfg, ds = load_run(config_paths, overrides, ds_path, _finetuning_problems)
     if cfg.finetune.ema_decay > 0 and ds.get("zero_optimization", {}).get("stage", 0) == 3:
         raise TrainingError("finetune.ema_decay with ZeRO-3: the EMA needs whole parameters on each rank; "
                             "use ZeRO stage 1 or 2 (ds_configs/zero2_bf16.json) or set finetune.ema_decay=0")
+    try:
+        manifest = load_manifest(cfg.data.shards)
+    except (ValueError, FileNotFoundError) as e:
+        raise TrainingError(f"data.shards={cfg.data.shards}: {e}") from None
     return cfg, ds, manifest
 
 

@@ -49,27 +49,38 @@ class _StopFlag:
         return checkpoints.any_rank(self.raised)
 
 
-def _load_everything(config_paths, overrides, ds_path):
+def load_run(config_paths, overrides, ds_path, check=None):
+    """The run config and the DeepSpeed dict resolved for this world size; every problem — the
+    config's own, then ``check(cfg)``'s (the entry point's) — as one TrainingError."""
     from .ds_config import resolve_ds_config
 
     try:
         cfg = load_config(config_paths, overrides)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         raise TrainingError(str(e)) from None
-    problems = validate_config(cfg)
+    problems = validate_config(cfg) + (check(cfg) if check else [])
     if problems:
         raise TrainingError("; ".join(problems))
-    if cfg.data.source != "shards":
-        raise TrainingError(f"data.source={cfg.data.source!r}: the DeepSpeed engine streams shards; set "
-                            f"data.source=shards and data.shards=<manifest> (make them with `mirl-ds shard`)")
-    if cfg.parallel.pipeline_stages > 1 and (cfg.objective.feature_loss.enabled or cfg.objective.perceptual_loss.enabled):
-        raise TrainingError("objective.feature_loss / perceptual_loss need the whole model on one stage: "
-                            "use parallel.pipeline_stages=1 with them")
     try:
         ds = resolve_ds_config(cfg, ds_path, dist.get_world_size())
     except ValueError as e:
         raise TrainingError(str(e)) from None
     return cfg, ds
+
+
+def _pretraining_problems(cfg) -> list[str]:
+    problems = []
+    if cfg.data.source != "shards":
+        problems.append(f"data.source={cfg.data.source!r}: the DeepSpeed engine streams shards; set "
+                        f"data.source=shards and data.shards=<manifest> (make them with `mirl-ds shard`)")
+    if cfg.parallel.pipeline_stages > 1 and (cfg.objective.feature_loss.enabled or cfg.objective.perceptual_loss.enabled):
+        problems.append("objective.feature_loss / perceptual_loss need the whole model on one stage: "
+                        "use parallel.pipeline_stages=1 with them")
+    return problems
+
+
+def _load_everything(config_paths, overrides, ds_path):
+    return load_run(config_paths, overrides, ds_path, _pretraining_problems)
 
 
 def _build_engine(cfg, ds):
