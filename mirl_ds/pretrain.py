@@ -33,10 +33,14 @@ def run_entry(run, argv: list[str] | None = None) -> int:
     from .engine.loop import TrainingError
 
     try:
-        return run(args.config, args.overrides, args.deepspeed_config)
+        status = run(args.config, args.overrides, args.deepspeed_config)
     except (TrainingError, NoCheckpoint) as e:
         print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    from .engine.shm import release_shm_buffers
+
+    release_shm_buffers()       # every rank got here: DeepSpeed's CPU all-reduce buffers can go
+    return status
 
 
 def main(argv: list[str] | None = None) -> int:

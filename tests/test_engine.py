@@ -2,6 +2,7 @@
 pre-emption by SIGTERM.  Every test launches real `deepspeed` processes on free ports."""
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -38,7 +39,8 @@ def manifest(tmp_path_factory) -> str:
 def launch(tmp: Path, manifest: str, ranks: int, *overrides: str, wait: bool = True,
            ds_config: str | Path = ROOT / "ds_configs" / "cpu_test.json", run_name: str = "run"):
     run = tmp / run_name
-    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(free_port()), "--module", "mirl_ds.pretrain",
+    port = free_port()
+    cmd = [DEEPSPEED, "--num_gpus", str(ranks), "--master_port", str(port), "--module", "mirl_ds.pretrain",
            "--config", "demo", "--deepspeed_config", str(ds_config),
            "data.source=shards", f"data.shards={manifest}", "data.micro_batch_size=4", f"optim.max_steps={STEPS}",
            f"checkpoint.dir={tmp / 'ckpt'}", "checkpoint.save_every=2", f"logging.run_dir={run}",
@@ -50,6 +52,8 @@ def launch(tmp: Path, manifest: str, ranks: int, *overrides: str, wait: bool = T
         return proc
     out, _ = proc.communicate(timeout=600)
     assert proc.returncode == 0, out[-3000:]
+    # DeepSpeed's CPU all-reduce buffers in /dev/shm (69 MB a rank) are gone with the run.
+    assert not glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_*_{port}_*")
     return losses(run)
 
 
