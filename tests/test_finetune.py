@@ -186,3 +186,13 @@ def test_finetuning_evaluates_raw_and_ema_keeps_the_best_and_resumes_exactly(sha
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert evaluated["raw"]["top1"] == pytest.approx(metrics[-1]["raw"]["top1"])
     assert evaluated["ema"]["top1"] == pytest.approx(metrics[-1]["ema"]["top1"])
+
+
+def test_finetuning_trains_in_bf16_with_zero3_and_keeps_whole_best_weights(shards, tmp_path):
+    deepspeed("mirl_ds.finetune", tmp_path, 2, ROOT / "ds_configs" / "zero3_bf16.json",
+              *finetune_args(shards, tmp_path, "optim.max_steps=2", "finetune.ema_decay=0"))
+    assert sorted(losses(tmp_path / "run")) == [1, 2]
+    best = torch.load(tmp_path / "run" / "best_raw.pt", weights_only=False)["model"]
+    model = build_classifier(encoder_spec(load_config(["demo"], TINY)), 4)
+    model.load_state_dict(best)          # whole tensors, gathered from the ZeRO-3 shards
+    assert not (tmp_path / "run" / "best_ema.pt").exists()

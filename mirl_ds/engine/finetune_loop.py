@@ -92,6 +92,17 @@ def make_ema(model, decay: float):
     return ModelEmaV3(model, decay=decay, dtype=torch.float32) if decay > 0 else None
 
 
+def _whole_state(module, zero3: bool) -> dict:
+    """The module's state dict with whole tensors (ZeRO-3 keeps each rank's shard only: gathered
+    on every rank, a collective)."""
+    if not zero3:
+        return module.state_dict()
+    import deepspeed
+
+    with deepspeed.zero.GatheredParameters(list(module.parameters())):
+        return {k: v.detach().clone() for k, v in module.state_dict().items()}
+
+
 def _seed_step(seed: int, step: int, micro: int, dp_rank: int) -> None:
     value = micro_seed(seed, step, micro, dp_rank)
     random.seed(value)
@@ -120,6 +131,7 @@ def run_finetuning(config_paths: list[str], overrides: list[str], ds_path: str) 
     engine, optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds)
     ema = make_ema(engine.module, ft.ema_decay)
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
+    zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
     run_dir = cfg.logging.run_dir
     if rank == 0:
         os.makedirs(run_dir, exist_ok=True)
@@ -170,8 +182,8 @@ def run_finetuning(config_paths: list[str], overrides: list[str], ds_path: str) 
         for kind in ("raw", "ema"):
             if kind in results and (best[kind] is None or results[kind]["top1"] > best[kind]["top1"]):
                 best[kind] = {**results[kind], "step": step_}
+                weights = _whole_state(engine.module, zero3) if kind == "raw" else ema.module.state_dict()
                 if rank == 0:
-                    weights = (engine.module if kind == "raw" else ema.module).state_dict()
                     torch.save({"model": {k: v.float() for k, v in weights.items()}, "config": dump_config(cfg),
                                 "step": step_, "metrics": results[kind]},
                                os.path.join(run_dir, f"best_{kind}.pt"))
