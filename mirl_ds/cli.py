@@ -237,11 +237,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("bench", help="benchmarks")
     bench = p.add_subparsers(dest="bench", required=True)
-    from .bench import data_bench, infer_bench, model_bench, shard_bench
+    from .bench import data_bench, infer_bench, model_bench, pipeline_bench, shard_bench
     for name, module, what in (("model", model_bench, "one pre-training step vs the matmul rate"),
                                ("infer", infer_bench, "classifier img/s per preset, ratios to ViT-B (supp. Table 4)"),
                                ("data", data_bench, "input pipeline img/s per core vs torchvision"),
-                               ("shard", shard_bench, "sharding throughput vs tar -cf")):
+                               ("shard", shard_bench, "sharding throughput vs tar -cf"),
+                               ("pipeline", pipeline_bench, "pp=2 vs pp=1 x dp=2 on 2 ranks: memory, img/s, bubble")):
         module.add_arguments(bench.add_parser(name, help=what))
         bench.choices[name].set_defaults(bench_run=module.run)
     p.set_defaults(func=cmd_bench)

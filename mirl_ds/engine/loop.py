@@ -147,6 +147,9 @@ def run_pretraining(config_paths: list[str], overrides: list[str], ds_path: str)
     cfg, ds = _load_everything(config_paths, overrides, ds_path)
     stop = _StopFlag()
     engine, optimizer = _build_engine(cfg, ds)
+    if os.environ.get("MIRL_DS_BENCH_REPORT"):   # `mirl-ds bench pipeline`: per-rank memory and timings
+        from ..bench.rank_probe import attach
+        attach(engine, os.environ["MIRL_DS_BENCH_REPORT"])
     pp = cfg.parallel.pipeline_stages
     dp_rank, dp_size = _data_parallel(engine, pp)
     loader = _make_loader(cfg, dp_rank, dp_size)
