@@ -2,6 +2,7 @@
 (mirl_ds.data.finetune_transforms) and the data benchmark's smoke path (mirl_ds.bench.data_bench)."""
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 import pickle
@@ -21,7 +22,9 @@ from mirl_ds.data.decode import (
     PretrainDecoder,
     normalize_batch,
     pick_draft_scale,
+    rows_to_decode,
     sample_crop,
+    sequential_frame,
 )
 
 
@@ -261,6 +264,270 @@ def test_plain_path_equals_torchvision_crop_then_resize(small_jpeg):
     ref = T.PILToTensor()(T.functional.resized_crop(
         img, i, j, h, w, [96, 96], interpolation=T.InterpolationMode.BICUBIC))
     assert (out.int() - ref.int()).abs().max() <= 1
+
+
+# -- partial decode: only the rows down to the crop ------------------------------------------
+
+def noisy_array(width: int, height: int, seed: int = 0) -> np.ndarray:
+    """Texture on a ramp: every 8x8 block and chroma row differs, so any row that is decoded
+    differently from a full decode shows."""
+    rng = np.random.default_rng(seed)
+    ramp = np.linspace(0, 120, width, dtype=np.float32)[None, :, None]
+    noise = rng.integers(0, 128, (height, width, 3)).astype(np.float32)
+    return (noise + ramp).astype(np.uint8)
+
+
+def frame_height_set_to(data: bytes, rows: int) -> bytes:
+    frame = sequential_frame(data)
+    return bytes(data[:frame.height_at]) + rows.to_bytes(2, "big") + data[frame.height_at + 2:]
+
+
+# Each sampling kind libjpeg upsamples differently; restart markers put RSTn markers into the
+# part of the scan a partial decode skims over.
+JPEG_KINDS = {
+    "4:2:0": dict(subsampling=2), "4:2:2": dict(subsampling=1), "4:4:4": dict(subsampling=0),
+    "4:2:0 restart markers": dict(subsampling=2, restart_marker_rows=1),
+    "4:4:4 restart markers": dict(subsampling=0, restart_marker_blocks=5),
+}
+
+
+def kind_jpeg(kind: str, width: int = 203, height: int = 157) -> bytes:
+    if kind == "grey":
+        return jpeg_bytes(Image.fromarray(noisy_array(width, height)[..., 0]), quality=90)
+    buf = io.BytesIO()
+    Image.fromarray(noisy_array(width, height)).save(buf, "JPEG", quality=90, **JPEG_KINDS[kind])
+    return buf.getvalue()
+
+
+def decoded(data: bytes, scale: int) -> np.ndarray:
+    img = Image.open(io.BytesIO(data))
+    if scale > 1:
+        w, h = img.size
+        img.draft(img.mode, (w // scale, h // scale))
+    return np.asarray(img)
+
+
+def test_sequential_frame_reads_the_frame_header():
+    frame = sequential_frame(kind_jpeg("4:2:0"))
+    assert (frame.width, frame.height, frame.components, frame.max_v) == (203, 157, 3, 2)
+    assert sequential_frame(kind_jpeg("4:2:2")).max_v == 1
+    assert sequential_frame(kind_jpeg("4:4:4")).max_v == 1
+    grey = sequential_frame(kind_jpeg("grey"))
+    assert (grey.components, grey.max_v) == (1, 1)
+    data = kind_jpeg("4:2:0")
+    assert data[frame.height_at:frame.height_at + 2] == (157).to_bytes(2, "big")
+
+
+def test_sequential_frame_refuses_what_must_be_decoded_whole(small_jpeg):
+    progressive = io.BytesIO()
+    Image.fromarray(smooth_array(200, 150)).save(progressive, "JPEG", progressive=True)
+    png = io.BytesIO()
+    Image.fromarray(smooth_array(20, 15)).save(png, "PNG")
+    cmyk = jpeg_bytes(Image.new("CMYK", (64, 48), (0, 255, 255, 0)))
+    assert sequential_frame(progressive.getvalue()) is None           # several scans
+    assert sequential_frame(small_jpeg[: len(small_jpeg) // 2]) is None  # truncated: no EOI
+    assert sequential_frame(small_jpeg[:-2]) is None                   # EOI cut off
+    assert sequential_frame(png.getvalue()) is None
+    assert sequential_frame(cmyk) is None                              # 4 components
+    assert sequential_frame(memoryview(small_jpeg)) is None
+    for bad in (b"", b"\xff\xd8", b"\xff\xd8\xff\xc0\x00", b"not an image at all"):
+        assert sequential_frame(bad) is None
+    for odd in (b"\xff\xd8", b"\xff\xd0", b"\xff\x01", b"\xff\xff"):  # SOI, RST0, TEM, fill
+        assert sequential_frame(small_jpeg[:2] + odd + small_jpeg[2:]) is None
+    # two frame headers: which one PIL believes is not ours to guess
+    at = small_jpeg.index(b"\xff\xc0")
+    seg_len = int.from_bytes(small_jpeg[at + 2:at + 4], "big")
+    sof = small_jpeg[at:at + 2 + seg_len]
+    assert sequential_frame(small_jpeg[:at] + sof + small_jpeg[at:]) is None
+    assert sequential_frame(small_jpeg) is not None
+
+
+@pytest.mark.parametrize("kind", [*JPEG_KINDS, "grey"])
+@pytest.mark.parametrize("scale", [1, 2, 4, 8])
+def test_rows_to_decode_gives_the_rows_of_a_full_decode_for_every_crop_bottom(kind, scale):
+    data = kind_jpeg(kind)
+    frame = sequential_frame(data)
+    full = decoded(data, scale)
+    shorter = 0
+    for bottom in range(scale, frame.height + 1):
+        rows = rows_to_decode(bottom, frame.height, scale, frame.max_v)
+        assert bottom < rows or rows == frame.height
+        if rows == frame.height:
+            continue
+        shorter += 1
+        part = decoded(frame_height_set_to(data, rows), scale)
+        assert part.shape[0] == -(-rows // scale) < full.shape[0]
+        need = -(-bottom // scale)  # drafted rows that hold the crop
+        assert np.array_equal(part[:need], full[:need]), (kind, scale, bottom)
+    assert shorter > frame.height // 2
+
+
+def test_a_lower_frame_height_with_no_margin_would_differ():
+    # Why rows_to_decode keeps rows below the crop: with 4:2:0 chroma, the last row decoded
+    # is interpolated from a replicated chroma row instead of the real one below it.
+    data = kind_jpeg("4:2:0")
+    full = decoded(data, 1)
+    differs = [rows for rows in range(16, 150)
+               if not np.array_equal(decoded(frame_height_set_to(data, rows), 1), full[:rows])]
+    assert differs
+
+
+@pytest.mark.parametrize("kind", ["4:2:0", "4:2:2", "grey", "4:2:0 restart markers"])
+@pytest.mark.parametrize("backend", ["torch", "pil"])
+def test_partial_decode_gives_the_same_tensor_as_a_full_decode(kind, backend):
+    data = kind_jpeg(kind, 640, 480)
+    for size in (224, 64):
+        part = PretrainDecoder(size, seed=3, backend=backend)
+        whole = PretrainDecoder(size, seed=3, backend=backend, partial=False)
+        saved = 0
+        for _ in range(15):
+            a, b = part(data), whole(data)
+            assert part.last_params == whole.last_params
+            assert part.last_draft_scale == whole.last_draft_scale
+            assert torch.equal(a, b), (kind, backend, size, part.last_params)
+            i, _, h, _ = part.last_params
+            assert whole.last_rows == 480 and i + h <= part.last_rows <= 480
+            saved += part.last_rows < 480
+        assert saved >= 5
+
+
+def test_partial_decode_decodes_only_the_rows_down_to_the_crop(small_jpeg, monkeypatch):
+    sizes = []
+    original = JpegImagePlugin.JpegImageFile.load
+
+    def load(img):
+        sizes.append(img.size)  # what libjpeg is asked to produce
+        return original(img)
+
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "load", load)
+    dec = PretrainDecoder(224, scale=(0.3, 0.3), seed=0)  # no draft at 224 on 500 x 375
+    for _ in range(20):
+        dec(small_jpeg)
+        i, _, h, _ = dec.last_params
+        assert dec.last_rows == rows_to_decode(i + h, 375, 1, 2) == min(i + h + 3, 375)
+        assert sizes[-1] == (500, dec.last_rows)
+    assert sum(rows < 375 for _, rows in sizes) >= 15
+
+
+def test_unexpected_reduced_image_falls_back_to_the_full_decode(small_jpeg, monkeypatch):
+    import mirl_ds.data.decode as decode
+
+    ref = PretrainDecoder(224, seed=4, partial=False)
+    expected = [ref(small_jpeg) for _ in range(6)]
+    # PIL does not see the reduced height (here: the header is not changed at all)
+    monkeypatch.setattr(decode, "_with_height", lambda data, frame, rows: bytearray(data))
+    dec = PretrainDecoder(224, seed=4)
+    for want in expected:
+        assert torch.equal(dec(small_jpeg), want) and dec.last_rows == 375
+    # the reduced copy cannot be opened at all: the original is, and decodes whole
+    monkeypatch.setattr(decode, "_with_height", lambda data, frame, rows: b"garbage")
+    dec.reseed(4)
+    for want in expected:
+        assert torch.equal(dec(small_jpeg), want) and dec.last_rows == 375
+
+
+def test_header_walk_disagreeing_with_pil_is_a_corrupt_image(small_jpeg, monkeypatch):
+    import mirl_ds.data.decode as decode
+
+    real = decode.sequential_frame
+    monkeypatch.setattr(decode, "sequential_frame",
+                        lambda data: dataclasses.replace(real(data), width=499))
+    with pytest.raises(CorruptImage, match="frame header"):
+        PretrainDecoder(64, scale=(1.0, 1.0), seed=0, hflip=False)(small_jpeg, key="k")
+
+
+def test_truncated_jpeg_still_fails_when_the_crop_lies_in_what_is_left(small_jpeg):
+    # Crops in the top part only: with the file cut below them, a partial decode would have
+    # everything it needs -- it must still be refused like any truncated file.
+    truncated = small_jpeg[: int(len(small_jpeg) * 0.9)]
+    dec = PretrainDecoder(64, scale=(0.2, 0.2), seed=0)
+    for _ in range(10):
+        with pytest.raises(CorruptImage, match="truncated"):
+            dec(truncated)
+    assert sequential_frame(truncated) is None
+
+
+def test_rgbx_view_is_the_decoded_pixels_without_a_copy(small_jpeg):
+    import mirl_ds.data.decode as decode
+
+    img = Image.open(io.BytesIO(small_jpeg))
+    img.load()
+    view = decode._rgbx_view(img)
+    assert view is not None and view.shape == (1, 4, 375, 500)
+    assert view.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(view[0, :3].permute(1, 2, 0), torch.from_numpy(np.array(img)))
+    del img  # the view keeps PIL's memory alive
+    assert view[0, :3].float().mean() > 0
+    grey = Image.fromarray(smooth_array(40, 30)[..., 0])
+    assert decode._rgbx_view(grey) is None  # not RGB: the caller's packed export
+
+
+def test_output_without_the_in_place_view_is_identical(small_jpeg, monkeypatch):
+    import mirl_ds.data.decode as decode
+
+    a = PretrainDecoder(224, seed=2)
+    expected = [(a(small_jpeg), a.last_flip) for _ in range(8)]
+    assert {flip for _, flip in expected} == {True, False}
+    monkeypatch.setattr(decode, "_rgbx_view", lambda img: None)  # e.g. Pillow < 11.2
+    b = PretrainDecoder(224, seed=2)
+    for want, _ in expected:
+        got = b(small_jpeg)
+        assert torch.equal(got, want) and got.is_contiguous()
+
+
+def test_padded_pixel_rows_are_not_viewed_as_contiguous(small_jpeg):
+    import mirl_ds.data.decode as decode
+
+    expected = PretrainDecoder(224, seed=6)(small_jpeg)
+    alignment = Image.core.get_alignment()
+    Image.core.set_alignment(64)  # 500 * 4 bytes a row: padded to 2048
+    try:
+        img = Image.open(io.BytesIO(small_jpeg))
+        img.load()
+        view = decode._rgbx_view(img)
+        assert view is None or torch.equal(view[0, :3].permute(1, 2, 0),
+                                           torch.from_numpy(np.array(img)))
+        assert torch.equal(PretrainDecoder(224, seed=6)(small_jpeg), expected)
+    finally:
+        Image.core.set_alignment(alignment)
+
+
+def _write_shard(root, samples) -> str:
+    """One tar shard of (key, jpg bytes, label) and its manifest (docs/shard-format.md)."""
+    import hashlib
+    import json
+
+    import webdataset as wds
+
+    root.mkdir(parents=True, exist_ok=True)
+    with wds.TarWriter(str(root / "t-000000.tar")) as w:
+        for key, jpg, cls in samples:
+            w.write({"__key__": key, "jpg": jpg, "cls": cls})
+    blob = (root / "t-000000.tar").read_bytes()
+    manifest = {
+        "format": "mirl_ds-shards/1", "prefix": "t", "total_samples": len(samples),
+        "shards": [{"name": "t-000000.tar", "samples": len(samples), "bytes": len(blob),
+                    "sha256": hashlib.sha256(blob).hexdigest(), "first_key": samples[0][0]}],
+        "classes": [{"index": 0, "wnid": "n00000000", "name": "c0"}],
+        "source": {"kind": "synthetic", "path": "tests", "label_file": None},
+        "seed": 0, "max_count": len(samples), "max_bytes": 10**9, "skipped": [],
+    }
+    (root / "t.manifest.json").write_text(json.dumps(manifest))
+    return str(root / "t.manifest.json")
+
+
+def test_loader_counts_truncated_and_broken_jpegs_with_the_partial_decoder(tmp_path, small_jpeg):
+    from mirl_ds.data.stream import SampleDecoder, StreamingLoader
+
+    good = [kind_jpeg("4:2:0", 120, 90), kind_jpeg("4:2:2", 90, 120), small_jpeg]
+    bad = {"cut": small_jpeg[: len(small_jpeg) // 3], "cut_eoi": small_jpeg[:-2][:5000],
+           "junk": b"\xff\xd8 not a jpeg"}
+    samples = [(f"g{k}", good[k % 3], 0) for k in range(9)] + [(k, v, 0) for k, v in bad.items()]
+    loader = StreamingLoader(_write_shard(tmp_path, samples), batch_size=4, seed=0,
+                             decode=SampleDecoder(PretrainDecoder(32, seed=0)))
+    keys = [k for b in loader for k in b["keys"]]
+    assert loader.skipped["decode_error"] == 3
+    assert not set(bad) & set(keys) and len(keys) == 12
 
 
 # -- colour modes and corrupt input ----------------------------------------------------------

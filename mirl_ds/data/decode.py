@@ -1,11 +1,14 @@
-"""JPEG bytes -> uint8 image tensors, decoding at reduced size (JPEG "draft" mode) where the crop allows.
+"""JPEG bytes -> uint8 image tensors, decoding only the rows a crop needs, at reduced size where it allows.
 
 Pre-training reads the original JPEG bytes from the shards (docs/shard-format.md) and needs a
 ``RandomResizedCrop(size, scale=(0.2, 1), bicubic)`` + horizontal flip of each.  Doing that the
 plain way (torchvision) decodes every image at full resolution, crops, resizes, converts to
 float and normalises -- per image.  :class:`PretrainDecoder` does the same geometry cheaper:
 
-1. ``Image.open`` reads the header only, giving the full size ``(W, H)``.
+1. The full size ``(W, H)`` comes from the JPEG's header: for a sequential JPEG (baseline or
+   extended, one scan, as photos almost always are; :func:`sequential_frame`) from a walk over
+   its header segments, which also finds the frame header's height field; for anything else
+   (progressive, PNG, truncated, ...) from ``Image.open`` (header only).
 2. The crop box ``(i, j, h, w)`` is drawn on the *full-resolution* size with
    :func:`sample_crop`, a line-by-line port of torchvision's ``RandomResizedCrop.get_params``
    that draws from the decoder's own ``random.Random`` instead of torch's global generator.
@@ -14,35 +17,58 @@ float and normalises -- per image.  :class:`PretrainDecoder` does the same geome
    directly at 1/s of its size, and the crop still has at least ``size`` pixels on each side,
    so the final bicubic resize never upsamples where the plain path would not (it only
    downsamples less).  ``s = 1`` means no draft.
-4. ``img.draft('RGB', (W // s, H // s))`` (asking for ``W // s`` makes PIL pick exactly ``s``;
-   the factor it actually chose is read back from draft's answer, never assumed), decode.
-5. The crop box is mapped into the drafted image's coordinates (divided by the actual factor)
+4. Only the rows down to the crop are decoded.  libjpeg decodes a sequential JPEG strictly
+   top to bottom, one row of MCUs after another, so ``Image.open`` is given a copy of the
+   bytes whose frame header claims just the first ``i + h`` rows plus the ``max_v + 1`` that
+   its chroma interpolation reads (:func:`rows_to_decode`; ``max_v``: the vertical chroma
+   subsampling): libjpeg stops there and merely skims the rest of the scan for the end
+   marker.  The rows it produces are bit-identical to those of a full decode
+   (tests/test_decode.py compares every cut).  Random crops end on average at ~88 % of the
+   height, so this saves ~12 % of the decoding.  A file without an end marker after its scan
+   (cut short) is decoded whole and still fails as truncated; if PIL does not see the
+   reduced image as the plain single-tile JPEG expected, the untouched bytes are decoded.
+5. ``img.draft('RGB', (W // s, H // s))`` (asking for ``W // s`` makes PIL pick exactly ``s``;
+   the factor it actually chose is read back from draft's answer, never assumed), decode
+   (all the bytes handed to libjpeg at once, not in PIL's 64 KiB pieces: at each seam libjpeg
+   suspends and redoes the row of blocks on a slower path).
+6. The crop box is mapped into the drafted image's coordinates (divided by the actual factor)
    and cropped + resized to ``size x size`` with bicubic antialiasing.  Default backend
-   ``"torch"``: the box (rounded to whole drafted pixels; exact when not drafted) is taken as a
-   channels-last view of PIL's decoded bytes and resized by torch's vectorised uint8 kernel
-   (``F.interpolate(mode='bicubic', antialias=True)``): PIL's BICUBIC filter, within a grey
-   level or two of it, about 3x faster than PIL's own resize, which was the largest cost
-   after decoding at 224.  Backend ``"pil"``: one ``Image.resize((size, size), BICUBIC,
-   box=...)`` with the fractional box.
-6. Flip with probability 0.5, and the result is a contiguous ``uint8`` tensor
+   ``"torch"``: the box (rounded to whole drafted pixels; exact when not drafted) is read in
+   place from PIL's decoded pixels -- PIL keeps RGB as 4 bytes a pixel (R, G, B, padding),
+   and its Arrow C-data export (Pillow >= 11.2) gives their address -- copied out once as
+   4-byte pixels, resized by torch's vectorised uint8 kernel
+   (``F.interpolate(mode='bicubic', antialias=True)``, which works on 4-channel pixels
+   anyway; PIL's BICUBIC filter, within a grey level or two of it, about 3x faster than
+   PIL's own resize), and one last copy drops the padding channel, transposes to ``[3, size,
+   size]`` and flips.  Without the export (older Pillow, grey images) PIL's packed RGB export
+   is used instead, with the same result.  Backend ``"pil"``: one ``Image.resize((size,
+   size), BICUBIC, box=...)`` with the fractional box (its filter reads a few rows below the
+   box; those are decoded too).
+7. Flip with probability 0.5, and the result is a contiguous ``uint8`` tensor
    ``[3, size, size]`` -- no float conversion per image.
 
 Normalisation is done per *batch* by the trainer with :func:`normalize_batch` (one vectorised
 ``uint8 -> float32`` pass; on the accelerator if the batch is already there).
 
-Where the time goes (``mirl-ds bench data``, ~500 x 375 JPEGs of ~94 KiB, one core): libjpeg's
-entropy decoding is most of it and is the same for every path; a draft only shrinks the IDCT,
-colour conversion and the resize input, and at 224 a 2x draft needs a crop of at least
-448 x 448 pixels, which a 375-pixel-high image never has -- draft pays off at smaller outputs
-or on larger photos.
+Where the time goes (``mirl-ds bench data``, ~500 x 375 JPEGs of ~94 KiB, one core, size
+224): libjpeg's decoding is most of it -- ~1.4 ms for a whole image, ~1.25 ms for the rows a
+crop needs -- and the rest of a sample is ~0.5 ms: the resize ~0.2 ms, the two copies, the
+header parsing and ``Image.open``.  Entropy decoding cannot be skipped for rows above the crop
+or columns beside it (each row of blocks depends on the previous one).  A draft only shrinks
+the IDCT, colour conversion and the resize input, and at 224 a 2x draft needs a crop of at
+least 448 x 448 pixels, which a 375-pixel-high image never has -- draft pays off at smaller
+outputs or on larger photos.
 
 :class:`EvalDecoder` is the evaluation counterpart: shorter side resized to ``size / 0.875``
 (256 for 224) then centre-cropped, with the draft factor chosen so the drafted shorter side is
-still at least the resize target.
+still at least the resize target.  It decodes every row.
 
 Errors: bytes PIL cannot decode (empty, truncated, not an image, broken JPEG stream) raise
 :class:`CorruptImage`, a ``ValueError`` whose message names the sample (when a key is given),
 its length and first bytes, and PIL's reason -- the streaming loader counts and skips these.
+A decode that stops early still parses every marker up to the end marker, so a broken file
+structure fails as before; damaged entropy data below the decoded rows is not decoded, but
+libjpeg only warns about such damage, so a full decode does not raise for it either.
 
 Randomness: every decoder owns a ``random.Random``. ``PretrainDecoder(seed=...)`` or
 ``decoder.reseed(seed)`` (an int or a sequence of ints, e.g. ``(base_seed, rank, worker_id,
@@ -51,11 +77,13 @@ worker with the *same* state, so the loader must reseed it per worker (``worker_
 """
 from __future__ import annotations
 
+import ctypes
 import io
 import math
 import random
 import warnings
 from collections import Counter
+from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -69,11 +97,14 @@ __all__ = [
     "EvalDecoder",
     "IMAGENET_MEAN",
     "IMAGENET_STD",
+    "JpegFrame",
     "PretrainDecoder",
     "normalize_batch",
     "open_image",
     "pick_draft_scale",
+    "rows_to_decode",
     "sample_crop",
+    "sequential_frame",
     "torchvision_resize_size",
 ]
 
@@ -212,6 +243,9 @@ def _draft(img: Image.Image, scale: int) -> int:
 
 def _load(img: Image.Image, data, key: str | None) -> Image.Image:
     """Decode the pixels (after any draft), as 'RGB' or 'L'; broken streams -> CorruptImage."""
+    # All the bytes in one piece: PIL feeds its decoder 64 KiB at a time, and at each seam
+    # libjpeg suspends mid-row and redoes it on a slower path.
+    img.decodermaxblock = max(img.decodermaxblock, len(data))
     try:
         img.load()
         if img.mode not in ("RGB", "L"):
@@ -270,6 +304,27 @@ def _torch_resize(x: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
     return F.interpolate(x, size=(out_h, out_w), mode="bicubic", antialias=True)[0]
 
 
+def _crop_resize(img: Image.Image, box: tuple[int, int, int, int], out_h: int, out_w: int,
+                 flip: bool) -> torch.Tensor:
+    """The (left, top, right, bottom) box of a decoded image, resized to ``out_h x out_w``
+    (bicubic, antialiased, torch's vectorised uint8 kernel), mirrored if ``flip``, as a new
+    contiguous uint8 ``[3, out_h, out_w]`` tensor.
+
+    An 'RGB' image is read in place as 4 channels (R, G, B, padding): the box is one copy
+    of whole 4-byte pixels (none when it spans whole rows), the kernel works on 4-channel
+    pixels anyway (3 channels are first unpacked to 4 by it), and the padding channel is
+    dropped in the final copy that also transposes to CHW and flips."""
+    left, top, right, bottom = box
+    full = _rgbx_view(img)
+    if full is None:  # grey, or no Arrow export: PIL's packed export of the box
+        x = _crop_view(img, left, top, right, bottom)
+    else:
+        x = full[:, :, top:bottom, left:right].contiguous(memory_format=torch.channels_last)
+    if x.shape[-2:] != (out_h, out_w):
+        x = F.interpolate(x, size=(out_h, out_w), mode="bicubic", antialias=True)
+    return _chw_copy(x, flip)
+
+
 def _int_box(box: tuple[float, float, float, float], width: int, height: int) -> tuple[int, int, int, int]:
     """Round a fractional (left, top, right, bottom) box to whole pixels inside the image,
     at least one pixel wide and high."""
@@ -288,6 +343,198 @@ def _seed_rng(rng: random.Random, seed) -> None:
         rng.seed(int.from_bytes(state.tobytes(), "little"))
 
 
+# -- decoding only the rows the crop needs -------------------------------------------------
+
+#: Frame header markers of sequential Huffman JPEGs (baseline, extended): the only kind whose
+#: decode is stopped early (see :func:`sequential_frame`).
+_SEQUENTIAL_SOF = (0xC0, 0xC1)
+#: Every other frame header (progressive, lossless, arithmetic, hierarchical): decoded whole.
+_OTHER_SOF = tuple(m for m in range(0xC2, 0xD0) if m not in (0xC4, 0xC8, 0xCC))
+_SOS, _EOI = 0xDA, b"\xff\xd9"
+
+
+@dataclass(frozen=True)
+class JpegFrame:
+    """What :func:`sequential_frame` reads from a JPEG's frame header."""
+
+    width: int
+    height: int
+    components: int    # 1 (grey) or 3 (colour)
+    max_v: int         # the largest vertical sampling factor (2 for 4:2:0 chroma)
+    height_at: int     # offset of the header's two-byte (big-endian) height field
+
+
+def _parse_sof(data: bytes | bytearray, p: int, length: int) -> JpegFrame | None:
+    """The frame header segment starting at ``data[p]`` (its marker), or None unless 8-bit
+    with 1 or 3 components -- the cases the partial decode is tested on."""
+    comps = data[p + 9] if length >= 8 else 0
+    if comps not in (1, 3) or length != 8 + 3 * comps or data[p + 4] != 8:
+        return None
+    height = (data[p + 5] << 8) | data[p + 6]
+    width = (data[p + 7] << 8) | data[p + 8]
+    max_v = max(data[p + 11 + 3 * c] & 0x0F for c in range(comps))
+    if height == 0 or width == 0 or not 1 <= max_v <= 4:  # height 0: given later (DNL)
+        return None
+    return JpegFrame(width, height, comps, max_v, p + 5)
+
+
+def sequential_frame(data) -> JpegFrame | None:
+    """The frame of a JPEG whose decode may stop after its top rows, else None.
+
+    That is a well-formed sequential (baseline or extended, Huffman) 8-bit JPEG with one
+    interleaved scan of all its components, followed by an EOI marker: libjpeg decodes it
+    strictly top to bottom, one row of MCUs after the other, so with a frame header claiming
+    fewer rows it stops there and only skims the rest of the scan for the EOI.  The header
+    segments are walked strictly (each right after the previous, no fill bytes, exactly one
+    frame header); anything else -- progressive, several scans, no EOI after the scan (a
+    truncated file, which must still fail), not a JPEG -- gives None: decode it whole.
+    """
+    if not isinstance(data, (bytes, bytearray)) or data[:2] != b"\xff\xd8":
+        return None
+    n, p, frame = len(data), 2, None
+    while p + 4 <= n and data[p] == 0xFF:
+        marker, length = data[p + 1], (data[p + 2] << 8) | data[p + 3]
+        end = p + 2 + length
+        if length < 2 or end > n:
+            return None
+        if marker in _SEQUENTIAL_SOF or marker in _OTHER_SOF:
+            if frame is not None or marker in _OTHER_SOF:
+                return None
+            frame = _parse_sof(data, p, length)
+            if frame is None:
+                return None
+        elif marker == _SOS:
+            # A sequential JPEG sends each component in exactly one scan, so a first scan
+            # holding all of them is the only one.  EOI is searched from the end (one step
+            # for a file that ends as it should).
+            if frame is None or length < 3 or data[p + 4] != frame.components:
+                return None
+            return frame if data.rfind(_EOI, end) >= 0 else None
+        elif marker < 0xC4 or 0xD0 <= marker <= 0xD9 or marker == 0xFF:
+            return None  # RSTn, SOI, EOI, TEM, reserved or fill bytes before the scan
+        p = end
+    return None
+
+
+def rows_to_decode(bottom: int, height: int, scale: int, max_v: int, reach: int = 0) -> int:
+    """Image rows to decode (as a frame height) so that the first ``ceil((bottom + reach) /
+    scale)`` rows of the ``1/scale`` decode equal those of a decode of all ``height`` rows.
+
+    Row ``r`` of a full decode depends on its own 8x8 blocks and, through libjpeg's "fancy"
+    (interpolating) chroma upsampling, on the chroma row next to it, i.e. on at most
+    ``max_v`` rows further down; past its last row libjpeg replicates that row instead.  So
+    ``max_v`` more rows suffice; one more is kept for the box rounding to whole drafted
+    pixels (tests/test_decode.py checks every cut of 4:4:4, 4:2:2, 4:2:0 and grey JPEGs).
+    ``reach``: full-resolution rows below ``bottom`` that the resize reads as well.
+    """
+    need = bottom + reach
+    return min(height, scale * (-(-need // scale) + max_v + 1))
+
+
+def _with_height(data: bytes | bytearray, frame: JpegFrame, rows: int) -> bytearray:
+    """A copy of the JPEG with its frame header saying ``rows`` rows."""
+    out = bytearray(data)
+    out[frame.height_at:frame.height_at + 2] = rows.to_bytes(2, "big")
+    return out
+
+
+def _open_rows(data, key: str | None, frame: JpegFrame, rows: int) -> Image.Image:
+    """``Image.open`` of the JPEG reduced to its first ``rows`` rows (all of them when
+    ``rows`` is its height).  Falls back to the untouched bytes, decoded whole, if PIL does
+    not see the reduced image as the plain single-tile JPEG expected."""
+    if rows < frame.height:
+        try:
+            img = open_image(_with_height(data, frame, rows), key)
+        except CorruptImage:
+            img = None  # opening the original below raises with its own description
+        if (img is not None and img.format == "JPEG" and img.size == (frame.width, rows)
+                and len(img.tile) == 1 and img.tile[0][0] == "jpeg"):
+            return img
+    img = open_image(data, key)
+    if img.size != (frame.width, frame.height):  # not what the header walk read: never seen
+        raise CorruptImage(f"{_describe(data, key)}: PIL reads size {img.size}, its frame "
+                           f"header {(frame.width, frame.height)}")
+    return img
+
+
+# -- PIL's pixel memory as a tensor ------------------------------------------------------------
+
+class _ArrowSchema(ctypes.Structure):
+    pass
+
+
+_ArrowSchema._fields_ = [
+    ("format", ctypes.c_char_p), ("name", ctypes.c_char_p), ("metadata", ctypes.c_char_p),
+    ("flags", ctypes.c_int64), ("n_children", ctypes.c_int64),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowSchema))),
+    ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p)]
+
+
+class _ArrowArray(ctypes.Structure):
+    pass
+
+
+_ArrowArray._fields_ = [
+    ("length", ctypes.c_int64), ("null_count", ctypes.c_int64), ("offset", ctypes.c_int64),
+    ("n_buffers", ctypes.c_int64), ("n_children", ctypes.c_int64),
+    ("buffers", ctypes.POINTER(ctypes.c_void_p)),
+    ("children", ctypes.POINTER(ctypes.POINTER(_ArrowArray))),
+    ("dictionary", ctypes.c_void_p), ("release", ctypes.c_void_p),
+    ("private_data", ctypes.c_void_p)]
+
+# A private prototype (setting restype on ctypes.pythonapi's shared one would leak).
+_capsule_pointer = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object, ctypes.c_char_p)(
+    ("PyCapsule_GetPointer", ctypes.pythonapi))
+
+
+class _PixelMemory:
+    """numpy's view of an exported PIL pixel buffer.  Holds the Arrow capsules: while they
+    live, PIL keeps the image memory (the export holds a reference on it)."""
+
+    __slots__ = ("__array_interface__", "_capsules")
+
+    def __init__(self, address: int, shape: tuple[int, ...], capsules) -> None:
+        # Marked writable only so torch.from_numpy does not warn; it is never written.
+        self.__array_interface__ = {"data": (address, False), "shape": shape,
+                                    "typestr": "|u1", "version": 3}
+        self._capsules = capsules
+
+
+def _rgbx_view(img: Image.Image) -> torch.Tensor | None:
+    """The pixels of a decoded 'RGB' image as a uint8 ``[1, 4, H, W]`` channels-last tensor
+    over PIL's own memory, no copy: PIL stores RGB as 4 bytes a pixel (R, G, B, padding),
+    handed out through its Arrow C-data export (Pillow >= 11.2).  None where that is not
+    available or not laid out as expected (then the caller exports the usual way)."""
+    width, height = img.size
+    try:
+        capsules = img.__arrow_c_array__()
+        schema = _ArrowSchema.from_address(_capsule_pointer(capsules[0], b"arrow_schema"))
+        array = _ArrowArray.from_address(_capsule_pointer(capsules[1], b"arrow_array"))
+        if (img.mode != "RGB" or schema.format != b"+w:4" or schema.n_children != 1
+                or schema.children[0].contents.format != b"C"
+                or array.length != width * height or array.offset or array.n_children != 1):
+            return None
+        pixels = array.children[0].contents
+        address = pixels.buffers[1] if pixels.n_buffers == 2 else None
+        if pixels.length != 4 * width * height or pixels.offset or not address:
+            return None
+    except Exception:  # an older Pillow, a mode it cannot export, a multi-block image, ...
+        return None
+    hwc = np.asarray(_PixelMemory(address, (height, width, 4), capsules))
+    return torch.from_numpy(hwc).permute(2, 0, 1).unsqueeze(0)
+
+
+def _chw_copy(x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """Channels 0-2 of ``[1, C, h, w]`` (any layout) as a new contiguous ``[3, h, w]`` tensor,
+    mirrored left-right if ``flip``: one pass (numpy copies from a negative stride; torch
+    would flip and transpose in two)."""
+    src = x[0, :3].numpy()
+    out = torch.empty(src.shape, dtype=torch.uint8)
+    out.numpy()[...] = src[:, :, ::-1] if flip else src
+    return out
+
+
 # -- decoders -------------------------------------------------------------------------------
 
 BACKENDS = ("torch", "pil")
@@ -301,8 +548,9 @@ def _check_backend(backend: str) -> str:
 
 class PretrainDecoder:
     """Raw JPEG bytes -> ``uint8`` tensor ``[3, size, size]``: RandomResizedCrop (torchvision's
-    parameter logic on the full-resolution size, bicubic) + horizontal flip, decoded with JPEG
-    draft where the crop keeps at least ``size`` pixels per side (see the module docstring).
+    parameter logic on the full-resolution size, bicubic) + horizontal flip, decoding only the
+    rows down to the crop, with JPEG draft where the crop keeps at least ``size`` pixels per
+    side (see the module docstring).
 
     Args:
         size: output side (or ``(height, width)``).
@@ -312,28 +560,32 @@ class PretrainDecoder:
             see :meth:`reseed`.
         draft: use JPEG draft decoding (False gives the plain full-resolution path with the
             same random boxes -- for comparisons and tests).
-        backend: who crops and resizes the decoded pixels.  ``"torch"`` (default): PIL crops
-            the box (rounded to whole pixels of the drafted image: at most half a drafted pixel
-            off; exact without a draft) and torch's vectorised uint8 bicubic-antialias kernel
-            resizes -- the same filter as PIL's BICUBIC, results within +-1 grey level of it on
-            almost every pixel, about 4x faster.  ``"pil"``: one ``Image.resize(BICUBIC,
-            box=...)`` call with the exact fractional box.
+        backend: who crops and resizes the decoded pixels.  ``"torch"`` (default): the box
+            (rounded to whole pixels of the drafted image: at most half a drafted pixel off;
+            exact without a draft) is copied out of PIL's pixel memory and torch's vectorised
+            uint8 bicubic-antialias kernel resizes it -- the same filter as PIL's BICUBIC,
+            results within +-1 grey level of it on almost every pixel, about 4x faster.
+            ``"pil"``: one ``Image.resize(BICUBIC, box=...)`` call with the exact fractional
+            box.
         reducing_gap: ``"pil"`` backend only, passed to ``Image.resize`` (PIL first
             box-reduces by an integer factor when the remaining downscale is at least
             ``reducing_gap`` times it).  After a draft the remaining downscale is below 2x
             unless the image is huge (> 8x), so the default None (exact bicubic) costs little.
         max_draft_scale: cap on the draft factor (1 disables draft too).
+        partial: decode a sequential JPEG only down to the crop (the same pixels as decoding
+            it whole; False decodes every row -- for comparisons and tests).
 
     After each call: ``last_params`` = the full-resolution box ``(i, j, h, w)``,
-    ``last_draft_scale`` = the factor libjpeg decoded at, ``last_flip``;
-    ``draft_counts`` counts calls per draft factor.
+    ``last_draft_scale`` = the factor libjpeg decoded at, ``last_flip``, ``last_rows`` = the
+    image rows (full resolution) libjpeg was asked to decode; ``draft_counts`` counts calls
+    per draft factor.
     """
 
     def __init__(self, size: int | Sequence[int], scale: Sequence[float] = (0.2, 1.0),
                  ratio: Sequence[float] = (3 / 4, 4 / 3), hflip: bool = True,
                  seed: int | Sequence[int] | None = None, *, draft: bool = True,
                  backend: str = "torch", reducing_gap: float | None = None,
-                 max_draft_scale: int = 8):
+                 max_draft_scale: int = 8, partial: bool = True):
         self.out_h, self.out_w = _pair(size)
         if not (0 < scale[0] <= scale[1]):
             raise ValueError(f"scale must be (min, max) with 0 < min <= max, got {tuple(scale)}")
@@ -346,11 +598,13 @@ class PretrainDecoder:
         self.backend = _check_backend(backend)
         self.reducing_gap = reducing_gap
         self.max_draft_scale = int(max_draft_scale)
+        self.partial = bool(partial)
         self._rng = random.Random()
         self.reseed(seed)
         self.last_params: tuple[int, int, int, int] | None = None
         self.last_draft_scale = 1
         self.last_flip = False
+        self.last_rows: int | None = None
         self.draft_counts: Counter[int] = Counter()
 
     @property
@@ -362,33 +616,53 @@ class PretrainDecoder:
         worker_id, epoch)``, mixed with numpy's SeedSequence), or None for OS entropy."""
         _seed_rng(self._rng, seed)
 
+    def _reach(self, h: int, scale: int, height: int) -> int:
+        """Full-resolution rows below a crop ``h`` rows high that its resize reads too.  The
+        torch backend cuts the box out first: none.  PIL's box resize also reads its filter
+        support beyond the box: bicubic's 2 pixels, widened by the downscale factor, plus
+        one for rounding (its integer pre-reduction, ``reducing_gap``, is not bounded here:
+        then every row)."""
+        if self.backend == "torch":
+            return 0
+        if self.reducing_gap is not None:
+            return height
+        return math.ceil(2 * max(scale, h / self.out_h)) + scale
+
     def __call__(self, data: bytes, key: str | None = None) -> torch.Tensor:
-        img = open_image(data, key)
-        width, height = img.size
+        # The crop is drawn on the size in the frame header when the JPEG can be decoded
+        # partially (one header walk, one Image.open of the reduced copy), else on PIL's.
+        frame = sequential_frame(data) if self.partial else None
+        img = None if frame is not None else open_image(data, key)
+        width, height = (frame.width, frame.height) if frame is not None else img.size
         i, j, h, w = sample_crop(width, height, self.scale, self.ratio, self._rng)
         flip = self.hflip and self._rng.random() < 0.5
 
         want = pick_draft_scale(w, h, self.out_w, self.out_h, self.max_draft_scale) if self.draft else 1
+        if frame is not None:
+            need = rows_to_decode(i + h, height, want, frame.max_v, self._reach(h, want, height))
+            img = _open_rows(data, key, frame, need)
+        rows = img.size[1]  # what libjpeg will decode (before the draft: full resolution)
         s = _draft(img, want)
         img = _load(img, data, key)
         box = (j / s, i / s, (j + w) / s, (i + h) / s)
         if self.backend == "torch":
+            # The decoded rows hold the whole box: rounding and clamping as for a full decode.
             l, t, r, b = _int_box(box, *img.size) if s > 1 else (j, i, j + w, i + h)
-            out = _torch_resize(_crop_view(img, l, t, r, b), self.out_h, self.out_w)
-            out = (out.flip(-1) if flip else out).contiguous()
+            out = _crop_resize(img, (l, t, r, b), self.out_h, self.out_w, flip)
         else:
             resized = img.resize((self.out_w, self.out_h), Image.Resampling.BICUBIC, box=box,
                                  reducing_gap=self.reducing_gap)
             out = _to_chw_uint8(resized, flip)
 
         self.last_params, self.last_draft_scale, self.last_flip = (i, j, h, w), s, flip
+        self.last_rows = rows
         self.draft_counts[s] += 1
         return out
 
     def __repr__(self) -> str:
         return (f"PretrainDecoder(size=({self.out_h}, {self.out_w}), scale={self.scale}, "
                 f"ratio={self.ratio}, hflip={self.hflip}, draft={self.draft}, "
-                f"backend={self.backend!r})")
+                f"partial={self.partial}, backend={self.backend!r})")
 
 
 class EvalDecoder:
