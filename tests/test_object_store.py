@@ -277,3 +277,18 @@ def test_http_reader_streams_a_presigned_url_and_reports_missing(bucket, s3_serv
     missing = c.generate_presigned_url("get_object", Params={"Bucket": bucket, "Key": "http/none"}, ExpiresIn=300)
     with pytest.raises(ShardNotFound):
         obs.open_http_stream(missing)
+
+
+def test_open_write_retries_the_upload_when_the_endpoint_comes_back(bucket, s3_server):
+    # boto3 closes the file it uploads from when a transfer fails; the retry must still read it.
+    url = _url(bucket, "outage/written.bin")
+    data = os.urandom(1 << 20)
+    s3_server.stop()
+    t = threading.Timer(1.0, s3_server.start)
+    t.start()
+    try:
+        with obs.open_write(url, policy=RetryPolicy(attempts=8, base_delay=0.5, max_delay=2.0)) as f:
+            f.write(data)
+    finally:
+        t.join()
+    assert obs.read_bytes(url) == data

@@ -371,12 +371,26 @@ def _transfer_config():
     return TransferConfig(multipart_threshold=64 << 20, multipart_chunksize=64 << 20, max_concurrency=4)
 
 
+class _KeepOpen:
+    """A file object boto3 cannot close: s3transfer closes the file it uploads from when a
+    transfer ends, failed ones included, and a retry must read the same file again."""
+
+    def __init__(self, f):
+        self._f = f
+
+    def close(self) -> None:
+        pass
+
+    def __getattr__(self, name):
+        return getattr(self._f, name)
+
+
 def _upload_fileobj(fileobj, url: str, policy: RetryPolicy) -> None:
     bucket, key = _require_key(url)
 
     def put():
         fileobj.seek(0)
-        _client().upload_fileobj(fileobj, bucket, key, Config=_transfer_config())
+        _client().upload_fileobj(_KeepOpen(fileobj), bucket, key, Config=_transfer_config())
 
     _retrying(url, policy, put, what="upload")
 
