@@ -225,6 +225,148 @@ def test_tar_members_writes_the_bytes_of_webdatasets_tarwriter(tmp_path):
     assert tm.size == len(ours) and tm.sha.hexdigest() == hashlib.sha256(ours).hexdigest()
 
 
+def tarwriter_bytes(path: Path, samples: list[tuple[str, dict]]) -> bytes:
+    import webdataset as wds
+
+    with open(path, "wb") as f:
+        with wds.TarWriter(f, encoder=False, mtime=0) as tw:
+            for key, fields in samples:
+                tw.write({"__key__": key, **fields})
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("off_thread", [False, True], ids=["hash-inline", "hash-off-thread"])
+def test_file_samples_read_into_the_staging_buffer_give_tarwriters_bytes_and_sha256(tmp_path, off_thread):
+    """add_file_sample through every path: sizes around block boundaries, files larger than the
+    buffer (it grows), wrong size hints (the file grew or shrank since it was listed), members
+    sorted before and after the file's, names that need PAX headers, rejected and unreadable
+    files; hashed inline or on a hasher thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mirl_ds.data.tar_members import TarMembers, UnreadableSource
+
+    rng = np.random.default_rng(4)
+    src = tmp_path / "src"
+    src.mkdir()
+    expected, calls = [], []
+    flush_bytes = 4096               # tiny: many flushes, buffer swaps and growths
+    with ThreadPoolExecutor(1) as hasher, open(tmp_path / "ours.tar", "wb", buffering=0) as f:
+        tm = TarMembers(f, flush_bytes=flush_bytes, hasher=hasher if off_thread else None)
+        for i, size in enumerate([0, 1, 511, 512, 513, 3000, 9000, 70_000, 200, 4096, 12_345]):
+            key = f"k{i:03d}" + ("_" + "p" * 110 if i == 5 else "")      # i == 5: PAX headers
+            data = rng.bytes(size)
+            path = src / f"{i}.bin"
+            path.write_bytes(data)
+            hint = [size, size // 2, size * 2 + 7, 0][i % 4]             # right, grew, shrank, unknown
+            fields = {"cls": str(i).encode(), "txt": b"t" * (i * 100)}     # before and after "jpg"
+            rejected = i in (3, 8)
+
+            def check(view, rejected=rejected, data=data):
+                calls.append(1)
+                assert bytes(view) == data               # the check sees exactly the file's bytes
+                return "rejected" if rejected else None
+
+            reason = tm.add_file_sample(key, fields, "jpg", path, hint, check)
+            assert reason == ("rejected" if rejected else None)
+            if not rejected:
+                expected.append((key, {**fields, "jpg": data}))
+            if i == 6:
+                with pytest.raises(UnreadableSource) as e:
+                    tm.add_file_sample("gone", {"cls": b"0"}, "jpg", src / "missing.bin", 10, check)
+                assert isinstance(e.value.error, FileNotFoundError)
+        tm.close()
+    ours = (tmp_path / "ours.tar").read_bytes()
+    assert ours == tarwriter_bytes(tmp_path / "wds.tar", expected)
+    assert tm.size == len(ours) and tm.sha.hexdigest() == hashlib.sha256(ours).hexdigest()
+    assert len(calls) == 11
+    assert max(len(b) for b in tm.staging) > 2 * flush_bytes      # grew for the 70 KB file
+
+
+def test_a_failing_hash_surfaces_as_the_error_not_a_hang(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mirl_ds.data.tar_members import TarMembers
+
+    class BrokenHash:
+        def update(self, data):
+            raise RuntimeError("hash unit on fire")
+
+    (tmp_path / "a.bin").write_bytes(bytes(5000))
+    for hasher in (None, ThreadPoolExecutor(1)):
+        with open(tmp_path / "out.tar", "wb", buffering=0) as f:
+            tm = TarMembers(f, flush_bytes=4096, hasher=hasher)
+            tm.sha = BrokenHash()
+            with pytest.raises(RuntimeError, match="hash unit on fire"):
+                for _ in range(4):             # the error shows at the next flush or at close
+                    tm.add_file_sample("k", {"cls": b"1"}, "jpg", tmp_path / "a.bin", 5000)
+                tm.close()
+        if hasher is not None:
+            hasher.shutdown()
+
+
+@pytest.mark.parametrize("hash_threads", [0, 1], ids=["hash-inline", "hash-off-thread"])
+def test_hashing_on_a_hasher_thread_writes_the_same_shards(tree, tmp_path, monkeypatch, hash_threads):
+    root, _ = tree
+    ref = tmp_path / "ref"
+    shard(root, ref, max_count=4, workers=2)
+    monkeypatch.setattr(sharding, "_hash_threads", lambda writers: hash_threads)
+    dest = tmp_path / "dest"
+    man = shard(root, dest, max_count=4, workers=1)["manifest"]
+    assert files_of(dest) == files_of(ref)
+    for sh in man["shards"]:
+        assert sh["sha256"] == hashlib.sha256((dest / sh["name"]).read_bytes()).hexdigest()
+
+
+@pytest.mark.parametrize("hash_threads", [0, 1], ids=["hash-inline", "hash-off-thread"])
+def test_a_failing_hash_stops_the_run_with_its_error(tree, tmp_path, monkeypatch, hash_threads):
+    import threading
+    import types
+
+    from mirl_ds.data import tar_members
+
+    root, _ = tree
+    real = tar_members.hashlib.sha256
+    shards_hashed = []
+
+    class FailsOnThirdShard:
+        def __init__(self):
+            shards_hashed.append(1)
+            self.sha, self.broken = real(), len(shards_hashed) == 3
+
+        def update(self, data):
+            if self.broken:
+                raise RuntimeError("hash unit on fire")
+            self.sha.update(data)
+
+        def hexdigest(self):
+            return self.sha.hexdigest()
+
+    monkeypatch.setattr(sharding, "_hash_threads", lambda writers: hash_threads)
+    monkeypatch.setattr(tar_members, "hashlib", types.SimpleNamespace(sha256=FailsOnThirdShard))
+    dest = tmp_path / "dest"
+    outcome = []
+
+    def run():
+        try:
+            shard(root, dest, max_count=3, workers=1)
+        except BaseException as e:     # handed to the test thread
+            outcome.append(e)
+
+    t = threading.Thread(target=run)
+    t.start()
+    t.join(60)
+    assert not t.is_alive(), "the run hung after its hash failed"
+    assert len(outcome) == 1 and isinstance(outcome[0], RuntimeError) and "hash unit on fire" in str(outcome[0])
+    assert not list(dest.glob("*.partial")) and not (dest / "train.manifest.json").exists()
+    assert not (dest / "train-000002.tar.done.json").exists()
+    for side in dest.glob("*.done.json"):               # what finished is complete and resumable
+        assert (dest / side.name[: -len(".done.json")]).stat().st_size == json.loads(side.read_text())["bytes"]
+    monkeypatch.undo()
+    shard(root, dest, max_count=3, workers=1)
+    shard(root, tmp_path / "ref", max_count=3)
+    assert files_of(dest) == files_of(tmp_path / "ref")
+
+
 def test_a_failing_writer_stops_the_run_and_leaves_no_partial_shard(tree, tmp_path, monkeypatch):
     root, _ = tree
     dest = tmp_path / "dest"
@@ -249,6 +391,50 @@ def test_a_failing_writer_stops_the_run_and_leaves_no_partial_shard(tree, tmp_pa
     shard(root, ref, max_count=3)
     shard(root, dest, max_count=3, workers=2)
     assert files_of(dest) == files_of(ref)
+
+
+def test_files_that_change_size_after_planning_are_written_as_they_are_now(tmp_path, monkeypatch):
+    """Shards are preallocated to their planned size and cut to the tar's: a file that grew or
+    shrank between the plan and the write still gives a shard whose size and sha256 are the
+    manifest's, holding the file's current bytes; without preallocation the shards are the same."""
+    root = tmp_path / "src"
+    make_tree(root, per_class=(5, 5, 5))
+    big = root / "train" / WNIDS[0] / "big.JPEG"
+    big.write_bytes(jpeg_bytes(np.random.default_rng(8), 160, 120))
+    real_plan = sharding.plan_shards
+    seen = {}
+
+    def plan_then_change_files(*args, **kw):
+        plans = seen["plans"] = real_plan(*args, **kw)
+        i_big = next(i for i, p in enumerate(plans) if any(s[1] == str(big) for s in p.samples))
+        grown = Path(plans[(i_big + 1) % len(plans)].samples[0][1])      # in another shard
+        seen["changed"] = [big, grown]
+        seen["shards"] = (plans[i_big].name, plans[(i_big + 1) % len(plans)].name)
+        big.write_bytes(jpeg_bytes(np.random.default_rng(9), 8, 6))      # > 10 KiB smaller: its tar shrinks
+        grown.write_bytes(grown.read_bytes() + b"\0" * 12_000 + b"\xff\xd9")   # still ends with EOI
+        return plans
+
+    monkeypatch.setattr(sharding, "plan_shards", plan_then_change_files)
+    dest = tmp_path / "out"
+    man = shard(root, dest, max_count=4)["manifest"]
+    assert man["total_samples"] == 16 and man["skipped"] == []
+    planned = {p.name: p.planned_bytes for p in seen["plans"]}
+    shrunk_shard, grown_shard = seen["shards"]
+    by_name = {sh["name"]: sh for sh in man["shards"]}
+    assert by_name[shrunk_shard]["bytes"] < planned[shrunk_shard]
+    assert by_name[grown_shard]["bytes"] > planned[grown_shard]
+    for sh in man["shards"]:
+        data = (dest / sh["name"]).read_bytes()
+        assert sh["bytes"] == len(data) and sh["sha256"] == hashlib.sha256(data).hexdigest()
+    got = {key: jpg for key, jpg, _ in samples_of(dest)}
+    for path in seen["changed"]:
+        assert got[path.stem] == path.read_bytes()
+
+    monkeypatch.setattr(sharding, "plan_shards", real_plan)
+    monkeypatch.setattr(sharding, "_fallocate", lambda: None)
+    shard(root, tmp_path / "plain", max_count=4)
+    for sh in man["shards"]:
+        assert (tmp_path / "plain" / sh["name"]).read_bytes() == (dest / sh["name"]).read_bytes()
 
 
 def test_no_fsync_writes_the_same_shards(tree, tmp_path, monkeypatch):
@@ -352,8 +538,33 @@ def test_corrupt_empty_and_non_jpeg_files_are_skipped_counted_listed_and_reporte
         assert f"{rel}: {reason}" in report
     written = {k for k, _, _ in samples_of(dest)}
     assert not written & {"empty", "truncated", "garbage", "noise", "picture"}
+    for sh in man["shards"]:     # shards that lost samples are cut to their tar: size and sha256 hold
+        data = (dest / sh["name"]).read_bytes()
+        assert sh["bytes"] == len(data) and sh["sha256"] == hashlib.sha256(data).hexdigest()
     # A skipped file keeps its planned slot: its shard just holds fewer samples.
     assert any(s["samples"] < 4 for s in man["shards"][:-1])
+
+
+def test_an_unreadable_source_is_skipped_but_a_failing_tar_write_fails_the_run(tmp_path, monkeypatch):
+    import errno
+
+    from mirl_ds.data import tar_members
+
+    root = tmp_path / "src"
+    files = make_tree(root, per_class=(4, 4, 4))
+    (root / "train" / WNIDS[0] / "gone.JPEG").symlink_to(root / "nowhere.JPEG")   # listed, not readable
+    man = shard(root, tmp_path / "out", max_count=5)["manifest"]
+    assert man["total_samples"] == len(files)
+    assert man["skipped"] == [{"path": f"train/{WNIDS[0]}/gone.JPEG",
+                               "reason": "unreadable: No such file or directory"}]
+
+    def disk_full(fd, view):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(tar_members, "_write_out", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        shard(root, tmp_path / "full", max_count=5)
+    assert not list((tmp_path / "full").glob("*.partial"))
 
 
 def with_undefined_quant_table(data: bytes) -> bytes:
