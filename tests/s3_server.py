@@ -161,7 +161,9 @@ class SeaweedS3:
             f"-volume.port={self.volume_port}", f"-volume.port.grpc={self.volume_grpc}",
             f"-filer.port={self.filer_port}", f"-filer.port.grpc={self.filer_grpc}",
             f"-filer.localSocket={self.run_dir / 'filer.sock'}",
-            "-master.telemetry=false", "-master.volumeSizeLimitMB=256", "-volume.max=16",
+            # Every bucket is a SeaweedFS collection growing volumes of its own: with 16 slots the
+            # session's later buckets got "InternalError" on PutObject. Volumes are sparse files.
+            "-master.telemetry=false", "-master.volumeSizeLimitMB=64", "-volume.max=256",
             "-volume.preStopSeconds=0",
         ], self.server_log)
 
