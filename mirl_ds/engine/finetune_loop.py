@@ -30,7 +30,7 @@ import torch.distributed as dist
 from ..config.loader import dump_config
 from ..log import get_logger
 from . import checkpoints
-from .loop import TrainingError, _StopFlag, load_run, micro_seed
+from .loop import TrainingError, _StopFlag, load_run, micro_seed, step_plan, write_run_folder
 
 log = get_logger()
 
@@ -117,7 +117,7 @@ def run_finetuning(config_paths: list[str], overrides: list[str], ds_path: str) 
     from ..data.finetune_transforms import build_finetune_criterion, build_mixup, finetune_decoder
     from ..data.stream import SampleDecoder, StreamingLoader
     from ..train.optim import build_finetune_optimizer, set_lr
-    from ..train.schedule import lr_at, peak_lr
+    from ..train.schedule import lr_at
     from .evaluate import eval_stream, evaluate
 
     deepspeed.init_distributed()
@@ -134,11 +134,7 @@ def run_finetuning(config_paths: list[str], overrides: list[str], ds_path: str) 
     zero3 = ds.get("zero_optimization", {}).get("stage", 0) == 3
     run_dir = cfg.logging.run_dir
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
-        with open(os.path.join(run_dir, "deepspeed_config.json"), "w") as f:
-            json.dump(ds, f, indent=2)
+        write_run_folder(cfg, ds)
         if report is not None:
             log.info("init: %s", report.summary())
             with open(os.path.join(run_dir, "init_report.json"), "w") as f:
@@ -152,11 +148,7 @@ def run_finetuning(config_paths: list[str], overrides: list[str], ds_path: str) 
     mixup = build_mixup(ft.mixup, ft.cutmix, ft.label_smoothing, num_classes=num_classes)
     criterion = build_finetune_criterion(mixup, ft.label_smoothing)
     ga = engine.gradient_accumulation_steps()
-    global_batch = cfg.data.micro_batch_size * ga * world
-    steps_per_epoch = max(1, loader.epoch_steps // ga)
-    total = cfg.optim.max_steps or int(cfg.optim.epochs * steps_per_epoch)
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    peak = peak_lr(cfg.optim, global_batch)
+    global_batch, steps_per_epoch, total, warmup, peak = step_plan(cfg, loader.epoch_steps, ga, world)
     eval_every = ft.eval_every or steps_per_epoch
 
     step, best = 0, {"raw": None, "ema": None}

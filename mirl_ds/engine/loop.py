@@ -83,6 +83,27 @@ def _load_everything(config_paths, overrides, ds_path):
     return load_run(config_paths, overrides, ds_path, _pretraining_problems)
 
 
+def step_plan(cfg, epoch_batches: int, ga: int, dp_size: int) -> tuple[int, int, int, int, float]:
+    """(global batch, steps per epoch, total steps, warm-up steps, peak lr) of a run whose loader
+    gives ``epoch_batches`` micro-batches per rank and epoch."""
+    from ..train.schedule import peak_lr
+
+    global_batch = cfg.data.micro_batch_size * ga * dp_size
+    steps_per_epoch = max(1, epoch_batches // ga)
+    total = cfg.optim.max_steps or int(cfg.optim.epochs * steps_per_epoch)
+    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
+    return global_batch, steps_per_epoch, total, warmup, peak_lr(cfg.optim, global_batch)
+
+
+def write_run_folder(cfg, ds: dict) -> None:
+    """Rank 0: the resolved YAML and DeepSpeed JSON in ``logging.run_dir``."""
+    os.makedirs(cfg.logging.run_dir, exist_ok=True)
+    with open(os.path.join(cfg.logging.run_dir, "config.yaml"), "w") as f:
+        f.write(dump_config(cfg))
+    with open(os.path.join(cfg.logging.run_dir, "deepspeed_config.json"), "w") as f:
+        json.dump(ds, f, indent=2)
+
+
 def _build_engine(cfg, ds):
     import deepspeed
 
@@ -140,7 +161,7 @@ def run_pretraining(config_paths: list[str], overrides: list[str], ds_path: str)
 
     from ..data.decode import normalize_batch
     from ..train.optim import set_lr
-    from ..train.schedule import lr_at, peak_lr
+    from ..train.schedule import lr_at
 
     deepspeed.init_distributed()
     rank = dist.get_rank()
@@ -154,20 +175,11 @@ def run_pretraining(config_paths: list[str], overrides: list[str], ds_path: str)
     dp_rank, dp_size = _data_parallel(engine, pp)
     loader = _make_loader(cfg, dp_rank, dp_size)
     ga = engine.gradient_accumulation_steps()
-    micro = cfg.data.micro_batch_size
-    global_batch = micro * ga * dp_size
-    steps_per_epoch = max(1, loader.epoch_steps // ga)
-    total = cfg.optim.max_steps or int(cfg.optim.epochs * steps_per_epoch)
-    warmup = int(cfg.optim.warmup_epochs * steps_per_epoch)
-    peak = peak_lr(cfg.optim, global_batch)
+    global_batch, steps_per_epoch, total, warmup, peak = step_plan(cfg, loader.epoch_steps, ga, dp_size)
     dtype = torch.bfloat16 if ds.get("bf16", {}).get("enabled") else torch.float32
     run_dir = cfg.logging.run_dir
     if rank == 0:
-        os.makedirs(run_dir, exist_ok=True)
-        with open(os.path.join(run_dir, "config.yaml"), "w") as f:
-            f.write(dump_config(cfg))
-        with open(os.path.join(run_dir, "deepspeed_config.json"), "w") as f:
-            json.dump(ds, f, indent=2)
+        write_run_folder(cfg, ds)
 
     step = 0
     state = checkpoints.load(engine, cfg.checkpoint.dir, cfg.checkpoint.resume)
