@@ -48,14 +48,16 @@ def _free_port() -> int:
 
 
 def demo_shards(cfg: RunConfig) -> Path:
-    """The synthetic training images as WebDataset shards; returns the manifest."""
+    """The synthetic images as WebDataset shards, train and val; returns the train manifest
+    (``val.manifest.json`` lies beside it)."""
     from .data.sharding import shard_dataset
 
     root = Path(cfg.data.root)
     generate_synthetic_imagefolder(root, cfg.data.synthetic)
     dest = root.with_name(root.name + "-shards")
-    shard_dataset(root, dest, source_kind="synthetic", split="train", prefix="train", max_count=64,
-                  progress=False)
+    for split in ("train", "val"):
+        shard_dataset(root, dest, source_kind="synthetic", split=split, prefix=split, max_count=64,
+                      progress=False)
     return dest / "train.manifest.json"
 
 

@@ -9,6 +9,7 @@ import pytest
 
 from mirl_ds.cli import main
 from mirl_ds.config import load_config
+from mirl_ds.config.loader import ConfigError
 from mirl_ds.engine.ds_config import DsConfigError, load_ds_json, resolve_ds_config
 from mirl_ds.engine.hostfile import HostfileError, filter_hosts, parse_hostfile, total_slots
 from mirl_ds.engine.launch import build_launch_command, launch_world_size
@@ -216,18 +217,32 @@ def test_world_size_follows_num_nodes_and_num_gpus(tmp_path):
 
 # --- the launch command ---------------------------------------------------------------------
 
+SHARDS = ["data.source=shards", "data.shards=shards/synthetic/train.manifest.json"]   # the engine streams shards
+
+
 def test_launch_command_is_built_after_validation():
-    cmd = build_launch_command(["demo"], ["optim.max_steps=5"], "ds_configs/cpu_test.json",
+    cmd = build_launch_command(["demo"], ["optim.max_steps=5", *SHARDS], "ds_configs/cpu_test.json",
                                hostfile="hostfiles/localhost", master_port=29600)
     assert cmd == ["deepspeed", "--hostfile", "hostfiles/localhost", "--master_port", "29600",
                    "--module", "mirl_ds.pretrain", "--config", "demo",
-                   "--deepspeed_config", "ds_configs/cpu_test.json", "optim.max_steps=5"]
+                   "--deepspeed_config", "ds_configs/cpu_test.json", "optim.max_steps=5", *SHARDS]
+
+
+def test_launch_refuses_what_the_entry_point_would_refuse_before_any_rank_starts():
+    with pytest.raises(ConfigError, match="data.source='synthetic': the DeepSpeed engine streams shards"):
+        build_launch_command(["demo"], [], "ds_configs/cpu_test.json", num_gpus=1)
+    with pytest.raises(ConfigError, match="parallel.pipeline_stages=2: fine-tuning is data-parallel only"):
+        build_launch_command(["finetune_demo"], ["parallel.pipeline_stages=2"], "ds_configs/cpu_test.json",
+                             num_gpus=2, module="mirl_ds.finetune")
+    with pytest.raises(ConfigError, match="finetune.auto_augment='none' is not a timm augmentation policy"):
+        build_launch_command(["finetune_demo"], ["finetune.auto_augment=none"], "ds_configs/cpu_test.json",
+                             num_gpus=1, module="mirl_ds.finetune")
 
 
 def test_no_ssh_needs_node_rank_and_master_addr():
     with pytest.raises(HostfileError, match="--no_ssh needs --node_rank"):
-        build_launch_command(["demo"], [], "ds_configs/cpu_test.json", num_gpus=1, no_ssh=True)
-    cmd = build_launch_command(["demo"], [], "ds_configs/cpu_test.json",
+        build_launch_command(["demo"], SHARDS, "ds_configs/cpu_test.json", num_gpus=1, no_ssh=True)
+    cmd = build_launch_command(["demo"], SHARDS, "ds_configs/cpu_test.json",
                                hostfile="hostfiles/multinode.example", no_ssh=True, node_rank=1,
                                master_addr="10.0.0.1")
     assert cmd[:8] == ["deepspeed", "--hostfile", "hostfiles/multinode.example",
@@ -238,18 +253,18 @@ def test_cli_launch_dry_run_prints_the_exact_deepspeed_command(capsys, monkeypat
     monkeypatch.chdir(ROOT)
     rc = main(["launch", "--config", "demo", "--deepspeed_config", "ds_configs/cpu_test.json",
                "--hostfile", "hostfiles/localhost", "--dry-run", "parallel.pipeline_stages=2",
-               "data.micro_batch_size=4"])
+               "data.micro_batch_size=4", *SHARDS])
     assert rc == 0
     assert capsys.readouterr().out == (
         "deepspeed --hostfile hostfiles/localhost --module mirl_ds.pretrain --config demo "
         "--deepspeed_config ds_configs/cpu_test.json parallel.pipeline_stages=2 "
-        "data.micro_batch_size=4\n")
+        "data.micro_batch_size=4 " + " ".join(SHARDS) + "\n")
 
 
 def test_cli_pretrain_is_an_alias_of_launch(capsys, monkeypatch):
     monkeypatch.chdir(ROOT)
     assert main(["pretrain", "--config", "demo", "--deepspeed_config",
-                 "ds_configs/cpu_test.json", "--num_gpus", "2", "--dry-run"]) == 0
+                 "ds_configs/cpu_test.json", "--num_gpus", "2", "--dry-run", *SHARDS]) == 0
     assert capsys.readouterr().out.startswith("deepspeed --num_gpus 2 --module mirl_ds.pretrain")
 
 
@@ -258,7 +273,7 @@ def test_cli_launch_with_a_contradiction_exits_2_with_one_line(tmp_path):
     ds.write_text(json.dumps({"zero_optimization": {"stage": 3}}))
     run = subprocess.run([sys.executable, "-m", "mirl_ds", "launch", "--config", "demo",
                           "--deepspeed_config", str(ds), "--hostfile", "hostfiles/localhost",
-                          "parallel.pipeline_stages=2"],
+                          "parallel.pipeline_stages=2", *SHARDS],
                          cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and run.stdout == ""
     assert run.stderr.splitlines() == [

@@ -373,7 +373,7 @@ def run(args: argparse.Namespace) -> int:
                 f"{decode_rate / main.baseline:.2f}x the baseline at size {main.size}")
         full = main.draft_share.get(1, 0.0)
         if full:
-            line += (f"; {_pct(full)} of the samples there decode at full size (a 2x draft "
+            line += (f"; {_pct(full)} of the samples there decode at full resolution (a 2x draft "
                      f"needs a crop of at least {2 * main.size} px per side)")
         print(line + ".")
     verdict = "reached" if main.ratio >= TARGET_RATIO else "NOT reached"

@@ -35,7 +35,7 @@ from .loop import TrainingError, _StopFlag, load_run, micro_seed, step_plan, wri
 log = get_logger()
 
 
-def _finetuning_problems(cfg) -> list[str]:
+def finetuning_problems(cfg) -> list[str]:
     problems = []
     if cfg.data.source != "shards" or not cfg.data.shards:
         problems.append("fine-tuning streams shards: set data.source=shards and data.shards=<train manifest> "
@@ -46,13 +46,28 @@ def _finetuning_problems(cfg) -> list[str]:
     if (cfg.finetune.mixup > 0 or cfg.finetune.cutmix > 0) and cfg.data.micro_batch_size % 2:
         problems.append(f"data.micro_batch_size={cfg.data.micro_batch_size} must be even for mixup/cutmix "
                         f"(timm mixes a batch with its flip); use an even size or finetune.mixup=0 cutmix=0")
+    if cfg.finetune.auto_augment is not None and not _known_policy(cfg.finetune.auto_augment):
+        problems.append(f"finetune.auto_augment={cfg.finetune.auto_augment!r} is not a timm augmentation policy; "
+                        f"give one such as rand-m9-mstd0.5-inc1, augmix-m5-w4-d2, trivialaugment or original, "
+                        f"or null to turn it off")
     return problems
+
+
+def _known_policy(name: str) -> bool:
+    """Whether timm's ``create_transform`` accepts the policy string (timm asserts on unknown ones)."""
+    from ..data.finetune_transforms import build_finetune_transform
+
+    try:
+        build_finetune_transform(32, auto_augment=name)
+    except (AssertionError, ValueError, KeyError, IndexError):
+        return False
+    return True
 
 
 def _load(config_paths, overrides, ds_path):
     from ..data.manifest import load_manifest
 
-    cfg, ds = load_run(config_paths, overrides, ds_path, _finetuning_problems)
+    cfg, ds = load_run(config_paths, overrides, ds_path, finetuning_problems)
     if cfg.finetune.ema_decay > 0 and ds.get("zero_optimization", {}).get("stage", 0) == 3:
         raise TrainingError("finetune.ema_decay with ZeRO-3: the EMA needs whole parameters on each rank; "
                             "use ZeRO stage 1 or 2 (ds_configs/zero2_bf16.json) or set finetune.ema_decay=0")

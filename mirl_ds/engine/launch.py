@@ -8,7 +8,7 @@ start, so a contradiction is one sentence on the launching terminal instead of N
 import os
 from pathlib import Path
 
-from ..config.loader import load_config
+from ..config.loader import ConfigError, load_config
 from .ds_config import resolve_ds_config
 from .hostfile import HostfileError, filter_hosts, parse_hostfile, total_slots
 
@@ -58,6 +58,18 @@ def launch_world_size(hostfile: str | None = None, include: str | None = None,
     return total_slots(hosts)
 
 
+def entry_problems(module: str, cfg) -> list[str]:
+    """The entry point's own config checks (its ranks run them again), here so that a bad run is
+    refused before any rank starts."""
+    if module == "mirl_ds.pretrain":
+        from .loop import pretraining_problems as check
+    elif module == "mirl_ds.finetune":
+        from .finetune_loop import finetuning_problems as check
+    else:
+        return []
+    return check(cfg)
+
+
 def build_launch_command(config_paths, overrides, ds_config, hostfile=None, include=None,
                          exclude=None, num_gpus=None, num_nodes=None, master_addr=None,
                          master_port=None, no_ssh=False, node_rank=None,
@@ -77,6 +89,9 @@ def build_launch_command(config_paths, overrides, ds_config, hostfile=None, incl
         raise HostfileError("--node_rank is only used with --no_ssh; add --no_ssh or drop it")
 
     cfg = load_config(config_paths, overrides)
+    problems = entry_problems(module, cfg)
+    if problems:
+        raise ConfigError(problems)
     world = launch_world_size(hostfile, include, exclude, num_gpus, num_nodes)
     if no_ssh and hostfile is not None:
         nodes = len(filter_hosts(parse_hostfile(hostfile), include, exclude, hostfile))

@@ -68,7 +68,7 @@ def load_run(config_paths, overrides, ds_path, check=None):
     return cfg, ds
 
 
-def _pretraining_problems(cfg) -> list[str]:
+def pretraining_problems(cfg) -> list[str]:
     problems = []
     if cfg.data.source != "shards":
         problems.append(f"data.source={cfg.data.source!r}: the DeepSpeed engine streams shards; set "
@@ -80,7 +80,7 @@ def _pretraining_problems(cfg) -> list[str]:
 
 
 def _load_everything(config_paths, overrides, ds_path):
-    return load_run(config_paths, overrides, ds_path, _pretraining_problems)
+    return load_run(config_paths, overrides, ds_path, pretraining_problems)
 
 
 def step_plan(cfg, epoch_batches: int, ga: int, dp_size: int) -> tuple[int, int, int, int, float]:
