@@ -36,7 +36,11 @@ def cmd_demo(args) -> int:
     files, overrides = _split_args(args.items)
     if args.steps is not None:
         overrides.append(f"optim.max_steps={args.steps}")
-    run_demo(load_config(files or ["demo"], overrides), ranks=args.ranks)
+    ft_overrides = list(args.finetune_set or [])
+    if args.finetune_steps is not None:
+        ft_overrides.append(f"optim.max_steps={args.finetune_steps}")
+    run_demo(load_config(files or ["demo"], overrides), ranks=args.ranks, finetune=not args.no_finetune,
+             finetune_overrides=ft_overrides)
     return 0
 
 
@@ -149,9 +153,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_check_config)
 
     p = sub.add_parser("demo", help="CPU MIRL pre-training on synthetic shards, 2 ranks as 2 pipeline "
-                                    "stages, + reconstruction picture")
-    p.add_argument("items", nargs="*", metavar="YAML|key=value", help="default: the shipped demo config")
-    p.add_argument("--steps", type=int, help="stop after this many steps")
+                                    "stages, + reconstruction picture, then fine-tuning from it and "
+                                    "from random initialisation, side by side")
+    p.add_argument("items", nargs="*", metavar="YAML|key=value",
+                   help="pre-training config and overrides (default: the shipped demo config)")
+    p.add_argument("--steps", type=int, help="stop pre-training after this many steps")
+    p.add_argument("--finetune-steps", type=int, help="fine-tuning steps of each of the two runs "
+                                                      "(default: finetune_demo's epochs)")
+    p.add_argument("--finetune-set", action="append", metavar="key=value",
+                   help="override of the finetune_demo config (repeatable)")
+    p.add_argument("--no-finetune", action="store_true", help="stop after pre-training and the picture")
     p.add_argument("--ranks", type=int, default=2, choices=(1, 2, 4),
                    help="CPU ranks = pipeline stages (default 2; G=4 segments split evenly)")
     p.set_defaults(func=cmd_demo)

@@ -11,6 +11,11 @@ MIRL ViT pre-trains under DeepSpeed with 2 CPU ranks as 2 pipeline stages (segme
 3. The newest checkpoint's weights, read across the pipeline's layer files
    (:func:`mirl_ds.engine.weights.read_weights`), go into the plain model, which draws
    ``<run_dir>/reconstructions.png`` and is saved as ``<run_dir>/pretrain_model.pt``.
+4. Fine-tuning twice with the same recipe, data, seed and steps (``finetune_demo``:
+   ``deepspeed --module mirl_ds.finetune`` on the same ranks, data-parallel): once from the
+   pre-training checkpoint, once from random initialisation; both are evaluated on the held-out
+   val shards (raw and EMA weights) and printed side by side
+   (``<run_dir>/finetune/comparison.json``).
 """
 from __future__ import annotations
 
@@ -61,20 +66,18 @@ def demo_shards(cfg: RunConfig) -> Path:
     return dest / "train.manifest.json"
 
 
-def _launch(cfg: RunConfig, manifest: Path, ranks: int) -> None:
+def _deepspeed(module: str, config: Path, overrides: list[str], ranks: int, log_path: Path, what: str) -> None:
+    """``deepspeed --num_gpus <ranks> --module <module>`` on the CPU DeepSpeed config, as
+    ``mirl-ds launch`` builds it; rank 0's progress lines are shown, the rest goes to ``log_path``."""
     from .engine.launch import build_launch_command
 
-    run_dir = Path(cfg.logging.run_dir)
-    overrides = ["data.source=shards", f"data.shards={manifest}", f"parallel.pipeline_stages={ranks}",
-                 "checkpoint.resume=none"]
-    config = run_dir / "demo_pretrain.yaml"
-    config.write_text(dump_config(cfg))
-    cmd = build_launch_command([config], overrides, CPU_DS_CONFIG, num_gpus=ranks, master_port=_free_port())
+    cmd = build_launch_command([config], overrides, CPU_DS_CONFIG, num_gpus=ranks, master_port=_free_port(),
+                               module=module)
     cmd[0] = str(Path(sys.executable).with_name("deepspeed"))     # the venv's launcher
     log.info("launching: " + " ".join(cmd))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)), PYTHONUNBUFFERED="1")
     errors = []
-    with open(run_dir / "deepspeed.log", "w") as full_log:
+    with open(log_path, "w") as full_log:
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             full_log.write(line)
@@ -85,7 +88,16 @@ def _launch(cfg: RunConfig, manifest: Path, ranks: int) -> None:
         proc.wait()
     if proc.returncode != 0:
         reason = errors[0] if errors else f"the launcher exited with {proc.returncode}"
-        raise DemoFailed(f"pre-training stopped: {reason} (DeepSpeed's output: {run_dir / 'deepspeed.log'})")
+        raise DemoFailed(f"{what} stopped: {reason} (DeepSpeed's output: {log_path})")
+
+
+def _launch(cfg: RunConfig, manifest: Path, ranks: int) -> None:
+    run_dir = Path(cfg.logging.run_dir)
+    overrides = ["data.source=shards", f"data.shards={manifest}", f"parallel.pipeline_stages={ranks}",
+                 "checkpoint.resume=none"]
+    config = run_dir / "demo_pretrain.yaml"
+    config.write_text(dump_config(cfg))
+    _deepspeed("mirl_ds.pretrain", config, overrides, ranks, run_dir / "deepspeed.log", "pre-training")
 
 
 def _loss_summary(run_dir: Path) -> tuple[float, float, int]:
@@ -97,7 +109,7 @@ def _loss_summary(run_dir: Path) -> tuple[float, float, int]:
     return first, last, len(losses)
 
 
-def run_demo(cfg: RunConfig, ranks: int = 2) -> dict:
+def run_demo(cfg: RunConfig, ranks: int = 2, finetune: bool = True, finetune_overrides=()) -> dict:
     from .engine.weights import read_weights
 
     run_dir = Path(cfg.logging.run_dir)
@@ -106,6 +118,7 @@ def run_demo(cfg: RunConfig, ranks: int = 2) -> dict:
     ckpt = Path(cfg.checkpoint.dir)
     if ckpt.resolve().is_relative_to(run_dir.resolve()):
         shutil.rmtree(ckpt, ignore_errors=True)          # a fresh demo, not a resumed one
+    shutil.rmtree(run_dir / "finetune", ignore_errors=True)
     manifest = demo_shards(cfg)
     _launch(cfg, manifest, ranks)
     first, last, steps = _loss_summary(run_dir)
@@ -119,7 +132,60 @@ def run_demo(cfg: RunConfig, ranks: int = 2) -> dict:
     if cfg.objective.degradation.kind == "none":  # the quintuplet is drawn for masking alone
         picture = _draw(model, cfg, run_dir / "reconstructions.png")
         log.info(f"wrote {picture} (original | masked | reconstruction | residual | main component)")
-    return {"first_loss": first, "last_loss": last, "steps": steps, "picture": picture and str(picture)}
+    result = {"first_loss": first, "last_loss": last, "steps": steps, "picture": picture and str(picture)}
+    if finetune:
+        result["finetune"] = compare_finetuning(cfg, manifest, ckpt, ranks, list(finetune_overrides))
+    return result
+
+
+def finetune_overrides_for(cfg: RunConfig, manifest: Path, init: Path | None, run_dir: Path) -> list[str]:
+    """``finetune_demo`` on the pre-training's encoder shape, data, normalisation and seed."""
+    model = [f"model.{k}={v}" for k, v in vars(cfg.model).items()
+             if v is not None and k in ("preset", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
+                                        "mlp_ratio")]
+    val = manifest.with_name("val.manifest.json")
+    return model + [f"seed={cfg.seed}", f"data.mean={list(cfg.data.mean)}", f"data.std={list(cfg.data.std)}",
+                    "data.source=shards", f"data.shards={manifest}", f"finetune.val_shards={val}",
+                    f"finetune.init={init if init is not None else 'null'}", f"logging.run_dir={run_dir}",
+                    f"checkpoint.dir={run_dir / 'checkpoints'}", "checkpoint.resume=none"]
+
+
+def compare_finetuning(cfg: RunConfig, manifest: Path, ckpt: Path, ranks: int, overrides: list[str]) -> dict:
+    """The same fine-tuning from the pre-trained encoder and from random initialisation; the last
+    and the best evaluation of each (raw and EMA top-1 on the val shards), printed side by side."""
+    from .config import load_config
+
+    root = Path(cfg.logging.run_dir) / "finetune"
+    runs = {}
+    for label, init in (("pretrained", ckpt), ("scratch", None)):
+        run_dir = root / label
+        run_dir.mkdir(parents=True, exist_ok=True)
+        ft_cfg = load_config(["finetune_demo"], finetune_overrides_for(cfg, manifest, init, run_dir) + overrides)
+        config = run_dir / "demo_finetune.yaml"
+        config.write_text(dump_config(ft_cfg))
+        _deepspeed("mirl_ds.finetune", config, [], ranks, run_dir / "deepspeed.log", f"fine-tuning ({label})")
+        metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        best = json.loads((run_dir / "best.json").read_text())
+        runs[label] = {"last": metrics[-1], "best": best, "run_dir": str(run_dir)}
+    comparison = {"steps": runs["pretrained"]["last"]["step"], "val_images": runs["pretrained"]["last"]["raw"]["samples"],
+                  **runs}
+    (root / "comparison.json").write_text(json.dumps(comparison, indent=1) + "\n")
+    print(comparison_table(comparison), flush=True)
+    return comparison
+
+
+def comparison_table(c: dict) -> str:
+    def row(name: str, run: dict) -> str:
+        last, best = run["last"], run["best"]
+        ema = f"{last['ema']['top1']:8.2f}" if "ema" in last else "       -"
+        best_ema = f"{best['ema']['top1']:10.2f}" if best.get("ema") else "         -"
+        return f"  {name:<26}{last['raw']['top1']:8.2f}{ema}{best['raw']['top1']:10.2f}{best_ema}"
+
+    return "\n".join([
+        f"fine-tuned for {c['steps']} steps (same recipe, data and seed), top-1 % on {c['val_images']} val images:",
+        f"  {'':<26}{'raw':>8}{'EMA':>8}{'best raw':>10}{'best EMA':>10}",
+        row("from MIRL pre-training", c["pretrained"]),
+        row("from random initialisation", c["scratch"])])
 
 
 def demo_loader(cfg: RunConfig) -> DataLoader:

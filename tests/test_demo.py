@@ -1,4 +1,5 @@
 """The CPU demo (2 DeepSpeed ranks as 2 pipeline stages) and its reconstruction picture."""
+import json
 import subprocess
 import sys
 
@@ -19,9 +20,9 @@ def tiny_demo_overrides(tmp_path, steps):
             "data.synthetic.image_size=32", "data.micro_batch_size=16"]
 
 
-def test_demo_pretrains_as_two_pipeline_stages_loss_falls_and_picture_is_written(tmp_path):
+def test_demo_pretrains_as_two_pipeline_stages_then_finetunes_from_it_and_from_scratch(tmp_path, capsys):
     cfg = load_config(["demo"], tiny_demo_overrides(tmp_path, 40) + [f"checkpoint.dir={tmp_path}/run/ckpt"])
-    result = run_demo(cfg, ranks=2)
+    result = run_demo(cfg, ranks=2, finetune_overrides=["optim.max_steps=4", "data.micro_batch_size=16"])
     assert result["steps"] == 40 and result["last_loss"] < 0.9 * result["first_loss"]
     picture = Image.open(result["picture"])
     assert picture.size[0] > 5 * 32  # five columns
@@ -33,6 +34,25 @@ def test_demo_pretrains_as_two_pipeline_stages_loss_falls_and_picture_is_written
     saved = torch.load(run / "pretrain_model.pt", weights_only=False)["model"]
     last_layer = torch.load(run / "ckpt" / "global_step40" / "layer_03-model_states.pt", weights_only=True)
     assert torch.equal(saved["decoders.1.pred.bias"], last_layer["decoder.pred.bias"])
+
+    # Fine-tuning twice on the same data, seed and budget: from the pipeline checkpoint (every
+    # encoder tensor loaded) and from random initialisation, evaluated on every val image.
+    comparison = result["finetune"]
+    assert comparison == json.loads((run / "finetune" / "comparison.json").read_text())
+    assert comparison["steps"] == 4 and comparison["val_images"] == 8 * 2
+    report = json.loads((run / "finetune" / "pretrained" / "init_report.json").read_text())
+    encoder = [k for k in saved if k.startswith("encoder.")]
+    assert report["layout"] == "pipeline" and report["missing"] == ["fc_norm.weight", "fc_norm.bias", "head.weight",
+                                                                     "head.bias"]
+    assert len(report["loaded"]) + len(report["unused"]) == len(encoder)    # unused: the encoder's norm
+    assert not (run / "finetune" / "scratch" / "init_report.json").exists()
+    for label in ("pretrained", "scratch"):
+        last = comparison[label]["last"]
+        assert last["step"] == 4 and last["raw"]["samples"] == last["ema"]["samples"] == 16
+        config = (run / "finetune" / label / "config.yaml").read_text()
+        assert "preset: vit_test" in config and "seed: 0" in config
+    printed = capsys.readouterr().out
+    assert "from MIRL pre-training" in printed and "from random initialisation" in printed
 
 
 def test_quintuplet_pastes_visible_patches_and_splits_main_and_residual():
