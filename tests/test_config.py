@@ -20,6 +20,13 @@ def test_defaults_and_every_shipped_config_are_valid():
         load_config([name], [])
 
 
+def test_default_normalisation_is_timms_imagenet_mean_and_std():
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    data = load_config(None, []).data
+    assert tuple(data.mean) == IMAGENET_DEFAULT_MEAN and tuple(data.std) == IMAGENET_DEFAULT_STD
+
+
 def test_dotted_overrides_are_typed_from_yaml():
     cfg = load_config(["demo"], ["objective.mask_ratio=0.6", "optim.betas=[0.9, 0.99]",
                                  "objective.did=off", "model.decoder_dim=64", "optim.epochs=3"])

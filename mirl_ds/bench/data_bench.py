@@ -152,8 +152,6 @@ def write_dataset(out: Path, images: int, classes: int, shard_size: int, seed: i
 
 # -- pipelines -------------------------------------------------------------------------------
 
-MEAN = (0.485, 0.456, 0.406)
-STD = (0.229, 0.224, 0.225)
 
 
 def _worker_init(worker_id: int) -> None:
@@ -163,6 +161,7 @@ def _worker_init(worker_id: int) -> None:
 
 def baseline_loader(ds: Dataset, size: int, batch: int, workers: int):
     import torch
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     from torchvision import datasets
     from torchvision import transforms as T
 
@@ -170,7 +169,7 @@ def baseline_loader(ds: Dataset, size: int, batch: int, workers: int):
         T.RandomResizedCrop(size, scale=(0.2, 1.0), interpolation=T.InterpolationMode.BICUBIC),
         T.RandomHorizontalFlip(),
         T.ToTensor(),
-        T.Normalize(MEAN, STD),
+        T.Normalize(IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD),
     ])
     dataset = datasets.ImageFolder(str(ds.root), transform=tf)
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch, shuffle=False,
@@ -205,7 +204,7 @@ def ours_loader(ds: Dataset, size: int, batch: int, workers: int, draft: bool, s
         for b in loader:                 # one epoch: every full batch of the shards
             x = b["images"]
             if normalize:
-                x = normalize_batch(x, MEAN, STD)
+                x = normalize_batch(x)          # ImageNet mean/std, its defaults
             n += x.shape[0]
         return n
     run_pass.decoder = decoder

@@ -88,6 +88,8 @@ class DataConfig:
     num_workers: int = 0
     crop_scale: list[float] = field(default_factory=lambda: [0.2, 1.0])
     hflip: bool = True
+    # timm.data.IMAGENET_DEFAULT_MEAN / _STD, written out so that checking a config does not
+    # import timm (tests/test_config.py holds them equal).
     mean: list[float] = field(default_factory=lambda: [0.485, 0.456, 0.406])
     std: list[float] = field(default_factory=lambda: [0.229, 0.224, 0.225])
 

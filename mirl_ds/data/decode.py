@@ -90,6 +90,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 
 __all__ = [
     "CorruptImage",
@@ -107,9 +108,6 @@ __all__ = [
     "sequential_frame",
     "torchvision_resize_size",
 ]
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 #: The reduced sizes libjpeg's scaled IDCT offers through PIL's ``Image.draft`` (1 = full size).
 DRAFT_SCALES = (1, 2, 4, 8)
