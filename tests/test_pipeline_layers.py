@@ -15,7 +15,11 @@ def model():
     return build_pretrain_model(load_config(["demo"], []))
 
 
-def test_layers_in_sequence_give_the_models_loss_for_the_same_seed(model):
+@pytest.mark.parametrize("overrides", [[], ["objective.did=off"], ["objective.did=first", "objective.segments=6"]],
+                         ids=["did", "did-off", "did-first-g6"])
+def test_layers_in_sequence_give_the_models_loss_for_the_same_seed(overrides):
+    torch.manual_seed(0)
+    model = build_pretrain_model(load_config(["demo"], overrides))
     imgs = torch.randn(2, 3, model.spec.img_size, model.spec.img_size)
     plain = model(imgs, torch.Generator().manual_seed(123))
     head = LossHead(model)
@@ -35,6 +39,17 @@ def test_recomputed_blocks_give_the_same_loss_and_gradients(model):
     model.checkpoint_blocks = False
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def test_one_floating_tensor_crosses_each_segment_boundary(model):
+    """DeepSpeed runs one backward per floating tensor a stage sends: the boundary packs them."""
+    imgs = torch.randn(2, 3, model.spec.img_size, model.spec.img_size)
+    x: tuple = (imgs, torch.tensor([7]))
+    for layer in segment_layers(model)[:-1]:
+        x = layer(x)
+        if isinstance(layer, SegmentLayer):
+            assert [t.is_floating_point() for t in x] == [True, False, False]
+            assert all(t.is_contiguous() for t in x)
 
 
 def test_every_layer_tensor_maps_to_the_equal_model_tensor(model):

@@ -5,21 +5,26 @@ Layer ``2g`` is the shared mask token (tied across stages by the pipeline engine
 embedding, the masking and the first memory).  A stage therefore always holds whole segments
 when the layers are split evenly into a number of stages that divides G.
 
-Between layers flows one flat tuple of tensors whose shapes are fixed for a given boundary
+Between layers flows a tuple of three tensors whose shapes are fixed for a given boundary
 (pipeline engines send shapes once):
 
-    (x, ids_restore, mask, m_g, …, m_0, ŷ_0, …, ŷ_g)
+    (floats, ids_restore, mask)
 
-* ``x`` [N, 1+K, D] — the running encoder tokens;
-* ``ids_restore`` [N, L] and ``mask`` [N, L] — integer tensors (int64), no gradient;
-* ``m_g … m_0`` [N, 1+K, d] — the memories the deeper decoders cross-attend to (none without DID);
-* ``ŷ_0 … ŷ_g`` [N, L, p²C] — every prediction so far, for the loss on the last stage.
+* ``floats`` [N, F] — every floating tensor the later segments need, flattened per sample and
+  concatenated: ``x`` [N, 1+K, D] (the running encoder tokens), the memories ``m_g … m_0``
+  [N, 1+K, d] the deeper decoders cross-attend to (none without DID) and every prediction so far
+  ``ŷ_0 … ŷ_g`` [N, L, p²C] (for the loss on the last stage);
+* ``ids_restore`` [N, L] and ``mask`` [N, L] — integer tensors (int64), no gradient.
 
-Every floating tensor that crosses a boundary is used further on, so each gets a gradient
-(DeepSpeed's pipeline engine asserts that).  The first layer takes ``(images, seed)``; ``seed``
-([1] int64) seeds the generator of the degradation and the mask, so a pipelined and a plain
-model given the same seed see the same masks.  The last layer returns ``(mask, ŷ_0, …,
-ŷ_{G-1})`` and :class:`LossHead` turns that and the clean images into the loss.
+One floating tensor, not 2g + 2: DeepSpeed's pipeline engine runs one ``backward`` per floating
+tensor a stage sends, each through the whole stage (``retain_graph``), so a stage that sent x,
+its memories and its predictions separately ran its backward 2g + 2 times.  The packed tensor is
+used further on, so it gets a gradient (the engine asserts that).
+
+The first layer takes ``(images, seed)``; ``seed`` ([1] int64) seeds the generator of the
+degradation and the mask, so a pipelined and a plain model given the same seed see the same
+masks.  The last layer returns ``(mask, ŷ_0, …, ŷ_{G-1})`` and :class:`LossHead` turns that and
+the clean images into the loss.
 """
 from __future__ import annotations
 
@@ -60,6 +65,9 @@ class SegmentLayer(nn.Module):
         self.decoder_pos_embed = nn.Parameter(model.decoder_pos_embed.detach().clone(), requires_grad=False)
         self.uses_memory = model.uses_memory
         self.checkpoint_blocks = checkpoint_blocks
+        self.embed_dim = model.encoder.embed_dim
+        self.decoder_dim = self.decoder.embed.out_features
+        self.pred_dim = self.decoder.pred.bias.shape[0]          # p²C
         if g == 0:
             enc = model.encoder
             self.patch_embed, self.cls_token, self.pos_embed = enc.patch_embed, enc.cls_token, enc.pos_embed
@@ -97,9 +105,8 @@ class SegmentLayer(nn.Module):
         if self.g == 0:
             x, ids_restore, mask, memories, preds = self._first(*inputs)
         else:
-            x, ids_restore, mask, *rest = inputs
-            n_mem = self.g + 1 if self.uses_memory else 0
-            memories, preds = list(rest[:n_mem]), list(rest[n_mem:])
+            floats, ids_restore, mask = inputs
+            x, memories, preds = self._unpack(floats, ids_restore.shape[1])
         x = run_blocks(self.blocks, x, self.checkpoint_blocks)
         m_g = self.decoder.embed(self.norm(x))
         memory = torch.cat(memories, dim=1) if self.decoder.uses_memory else None
@@ -108,8 +115,23 @@ class SegmentLayer(nn.Module):
             return (mask, *preds)
         if self.uses_memory:
             memories.insert(0, m_g)
-        # Point-to-point sends need contiguous tensors (a prediction is a slice without its cls row).
-        return tuple(t.contiguous() for t in (x, ids_restore, mask, *memories, *preds))
+        floats = torch.cat([t.reshape(t.shape[0], -1) for t in (x, *memories, *preds)], dim=1)
+        return floats, ids_restore.contiguous(), mask.contiguous()
+
+    def _unpack(self, floats: torch.Tensor, num_patches: int):
+        """(x, memories, predictions) of the previous segment's packed output.  Their shapes follow
+        from its width F = T·D + n·T·d + g·L·P: T = 1 + K tokens, n = g + 1 memories with DID
+        (m_0 from z_0 and one per earlier segment; 0 without), g predictions of L patches × p²C."""
+        n, width = floats.shape
+        g, n_mem, pred_dim = self.g, (self.g + 1 if self.uses_memory else 0), self.pred_dim
+        pred_width = g * num_patches * pred_dim
+        tokens = (width - pred_width) // (self.embed_dim + n_mem * self.decoder_dim)
+        sizes = [tokens * self.embed_dim] + [tokens * self.decoder_dim] * n_mem + [num_patches * pred_dim] * g
+        parts = floats.split(sizes, dim=1)
+        x = parts[0].reshape(n, tokens, self.embed_dim)
+        memories = [t.reshape(n, tokens, self.decoder_dim) for t in parts[1:1 + n_mem]]
+        preds = [t.reshape(n, num_patches, pred_dim) for t in parts[1 + n_mem:]]
+        return x, memories, preds
 
 
 class LossHead:
