@@ -59,11 +59,17 @@ def demo_shards(cfg: RunConfig) -> Path:
 
     root = Path(cfg.data.root)
     generate_synthetic_imagefolder(root, cfg.data.synthetic)
-    dest = root.with_name(root.name + "-shards")
+    manifest = demo_manifest(cfg)
     for split in ("train", "val"):
-        shard_dataset(root, dest, source_kind="synthetic", split=split, prefix=split, max_count=64,
+        shard_dataset(root, manifest.parent, source_kind="synthetic", split=split, prefix=split, max_count=64,
                       progress=False)
-    return dest / "train.manifest.json"
+    return manifest
+
+
+def demo_manifest(cfg: RunConfig) -> Path:
+    """Where the demo's train manifest lies: ``<data.root>-shards/train.manifest.json``."""
+    root = Path(cfg.data.root)
+    return root.with_name(root.name + "-shards") / "train.manifest.json"
 
 
 def _deepspeed(module: str, config: Path, overrides: list[str], ranks: int, log_path: Path, what: str) -> None:
@@ -119,6 +125,8 @@ def run_demo(cfg: RunConfig, ranks: int = 2, finetune: bool = True, finetune_ove
     if ckpt.resolve().is_relative_to(run_dir.resolve()):
         shutil.rmtree(ckpt, ignore_errors=True)          # a fresh demo, not a resumed one
     shutil.rmtree(run_dir / "finetune", ignore_errors=True)
+    if finetune:      # a bad fine-tuning override is refused now, not after the pre-training
+        _finetune_config(cfg, demo_manifest(cfg), ckpt, run_dir / "finetune", list(finetune_overrides))
     manifest = demo_shards(cfg)
     _launch(cfg, manifest, ranks)
     first, last, steps = _loss_summary(run_dir)
@@ -150,17 +158,28 @@ def finetune_overrides_for(cfg: RunConfig, manifest: Path, init: Path | None, ru
                     f"checkpoint.dir={run_dir / 'checkpoints'}", "checkpoint.resume=none"]
 
 
+def _finetune_config(cfg: RunConfig, manifest: Path, init: Path | None, run_dir: Path, overrides: list[str]):
+    """The fine-tuning run config, checked as `mirl-ds finetune` checks it (ConfigError)."""
+    from .config import load_config
+    from .config.loader import ConfigError
+    from .engine.launch import entry_problems
+
+    ft_cfg = load_config(["finetune_demo"], finetune_overrides_for(cfg, manifest, init, run_dir) + overrides)
+    problems = entry_problems("mirl_ds.finetune", ft_cfg)
+    if problems:
+        raise ConfigError(problems)
+    return ft_cfg
+
+
 def compare_finetuning(cfg: RunConfig, manifest: Path, ckpt: Path, ranks: int, overrides: list[str]) -> dict:
     """The same fine-tuning from the pre-trained encoder and from random initialisation; the last
     and the best evaluation of each (raw and EMA top-1 on the val shards), printed side by side."""
-    from .config import load_config
-
     root = Path(cfg.logging.run_dir) / "finetune"
     runs = {}
     for label, init in (("pretrained", ckpt), ("scratch", None)):
         run_dir = root / label
         run_dir.mkdir(parents=True, exist_ok=True)
-        ft_cfg = load_config(["finetune_demo"], finetune_overrides_for(cfg, manifest, init, run_dir) + overrides)
+        ft_cfg = _finetune_config(cfg, manifest, init, run_dir, overrides)
         config = run_dir / "demo_finetune.yaml"
         config.write_text(dump_config(ft_cfg))
         _deepspeed("mirl_ds.finetune", config, [], ranks, run_dir / "deepspeed.log", f"fine-tuning ({label})")

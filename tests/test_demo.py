@@ -81,6 +81,14 @@ def test_demo_command_reports_bad_override_without_traceback(tmp_path):
     assert "objective.segments=3 is odd" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_bad_finetuning_override_is_refused_before_pretraining(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "mirl_ds", "demo", f"logging.run_dir={tmp_path}/run",
+                             "--finetune-set", "finetune.auto_augment=none"], capture_output=True, text=True)
+    assert result.returncode == 2, result.stderr
+    assert "finetune.auto_augment='none' is not a timm augmentation policy" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "run" / "losses.jsonl").exists()
+
+
 def test_non_finite_loss_stops_the_demo_with_one_sentence(tmp_path):
     overrides = tiny_demo_overrides(tmp_path, 3) + ["optim.lr=1e30", "optim.warmup_epochs=0"]
     result = subprocess.run([sys.executable, "-m", "mirl_ds", "demo", *overrides],
