@@ -161,13 +161,10 @@ def finetune_overrides_for(cfg: RunConfig, manifest: Path, init: Path | None, ru
 def _finetune_config(cfg: RunConfig, manifest: Path, init: Path | None, run_dir: Path, overrides: list[str]):
     """The fine-tuning run config, checked as `mirl-ds finetune` checks it (ConfigError)."""
     from .config import load_config
-    from .config.loader import ConfigError
-    from .engine.launch import entry_problems
+    from .engine.launch import check_entry_config
 
     ft_cfg = load_config(["finetune_demo"], finetune_overrides_for(cfg, manifest, init, run_dir) + overrides)
-    problems = entry_problems("mirl_ds.finetune", ft_cfg)
-    if problems:
-        raise ConfigError(problems)
+    check_entry_config("mirl_ds.finetune", ft_cfg)
     return ft_cfg
 
 

@@ -58,16 +58,18 @@ def launch_world_size(hostfile: str | None = None, include: str | None = None,
     return total_slots(hosts)
 
 
-def entry_problems(module: str, cfg) -> list[str]:
+def check_entry_config(module: str, cfg) -> None:
     """The entry point's own config checks (its ranks run them again), here so that a bad run is
-    refused before any rank starts."""
+    refused (ConfigError) before any rank starts."""
     if module == "mirl_ds.pretrain":
         from .loop import pretraining_problems as check
     elif module == "mirl_ds.finetune":
         from .finetune_loop import finetuning_problems as check
     else:
-        return []
-    return check(cfg)
+        return
+    problems = check(cfg)
+    if problems:
+        raise ConfigError(problems)
 
 
 def build_launch_command(config_paths, overrides, ds_config, hostfile=None, include=None,
@@ -89,9 +91,7 @@ def build_launch_command(config_paths, overrides, ds_config, hostfile=None, incl
         raise HostfileError("--node_rank is only used with --no_ssh; add --no_ssh or drop it")
 
     cfg = load_config(config_paths, overrides)
-    problems = entry_problems(module, cfg)
-    if problems:
-        raise ConfigError(problems)
+    check_entry_config(module, cfg)
     world = launch_world_size(hostfile, include, exclude, num_gpus, num_nodes)
     if no_ssh and hostfile is not None:
         nodes = len(filter_hosts(parse_hostfile(hostfile), include, exclude, hostfile))
