@@ -1,5 +1,6 @@
 """``mirl-ds``: one console command, one subcommand per job."""
 import argparse
+import importlib
 import os
 import shlex
 import shutil
@@ -131,8 +132,23 @@ def cmd_probe(args) -> int:
     return 0
 
 
+# name -> (module under mirl_ds.bench, what it measures). The modules import torch, so they
+# are imported only when their benchmark runs: every other command starts without torch.
+BENCHES = {
+    "model": ("model_bench", "one pre-training step vs the matmul rate"),
+    "infer": ("infer_bench", "classifier img/s per preset, ratios to ViT-B (supp. Table 4)"),
+    "data": ("data_bench", "input pipeline img/s per core vs torchvision"),
+    "shard": ("shard_bench", "sharding throughput vs tar -cf"),
+    "pipeline": ("pipeline_bench", "pp=2 vs pp=1 x dp=2 on 2 ranks: memory, img/s, bubble"),
+}
+
+
 def cmd_bench(args) -> int:
-    return args.bench_run(args)
+    module_name, what = BENCHES[args.bench]
+    module = importlib.import_module(f".bench.{module_name}", __package__)
+    parser = argparse.ArgumentParser(prog=f"mirl-ds bench {args.bench}", description=what)
+    module.add_arguments(parser)
+    return module.run(parser.parse_args(args.bench_args))
 
 
 def cmd_shard(args) -> int:
@@ -246,16 +262,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="pre-training config, for a checkpoint that keeps none")
     p.set_defaults(func=cmd_probe)
 
-    p = sub.add_parser("bench", help="benchmarks")
-    bench = p.add_subparsers(dest="bench", required=True)
-    from .bench import data_bench, infer_bench, model_bench, pipeline_bench, shard_bench
-    for name, module, what in (("model", model_bench, "one pre-training step vs the matmul rate"),
-                               ("infer", infer_bench, "classifier img/s per preset, ratios to ViT-B (supp. Table 4)"),
-                               ("data", data_bench, "input pipeline img/s per core vs torchvision"),
-                               ("shard", shard_bench, "sharding throughput vs tar -cf"),
-                               ("pipeline", pipeline_bench, "pp=2 vs pp=1 x dp=2 on 2 ranks: memory, img/s, bubble")):
-        module.add_arguments(bench.add_parser(name, help=what))
-        bench.choices[name].set_defaults(bench_run=module.run)
+    p = sub.add_parser("bench", help="benchmarks",
+                       description="; ".join(f"{name}: {what}" for name, (_, what) in BENCHES.items()))
+    p.add_argument("bench", choices=BENCHES, help="which benchmark (mirl-ds bench NAME --help for its options)")
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_bench)
     return parser
 

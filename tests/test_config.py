@@ -160,6 +160,24 @@ def test_check_config_writes_the_resolved_config(tmp_path):
     assert load_config([str(out)], []) == load_config(["demo"], [])
 
 
+def test_checking_a_config_does_not_import_torch_or_timm():
+    # check-config runs on login nodes and before every launch: it must not pay ~5 s for torch.
+    code = ("import sys; from mirl_ds.cli import main; rc = main(['check-config', 'demo', "
+            "'objective.degradation.kind=blur', 'objective.did=first']); "
+            "print(rc, sorted(m for m in ('torch', 'timm', 'deepspeed') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == "0 []"
+
+
+def test_bench_subcommands_list_their_own_options():
+    result = run_cli("bench", "infer", "--help")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("usage: mirl-ds bench infer") and "--presets" in result.stdout
+    result = run_cli("bench", "nope")
+    assert result.returncode == 2 and "invalid choice: 'nope'" in result.stderr
+
+
 def test_exponent_numbers_without_a_dot_are_numbers():
     cfg = load_config(None, ["optim.lr=1e-3", "optim.eps=1e-08", "objective.mask_ratio=5e-1"])
     assert (cfg.optim.lr, cfg.optim.eps, cfg.objective.mask_ratio) == (1e-3, 1e-8, 0.5)

@@ -1,9 +1,7 @@
 """Whole-config checks: one sentence per problem, naming the key, the value and the fix."""
 from pathlib import Path
 
-from ..models.degradations import KINDS as DEGRADATION_KINDS
-from ..models.decoder import DID_PLACEMENTS
-from ..models.objectives import SEGMENTED_OBJECTIVES
+from ..models.choices import DEGRADATION_KINDS, DID_PLACEMENTS, SEGMENTED_OBJECTIVES
 from ..models.presets import PRESETS, VitPreset
 from .schema import RunConfig
 

@@ -6,10 +6,9 @@ import torch.nn.functional as F
 from torch import nn
 from timm.models.vision_transformer import Block
 
+from .choices import DID_PLACEMENTS
 from .cross_block import CrossBlock
 from .patches import restore_sequence
-
-DID_PLACEMENTS = ("every", "first", "off")
 
 
 class NormalizedLinear(nn.Module):

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_STD as IMAGENET_STD
 
-KINDS = ("none", "zoom_in", "zoom_out", "fisheye", "blur", "decolorize")
+from .choices import DEGRADATION_KINDS as KINDS
 
 
 

@@ -1,9 +1,8 @@
 """How the G decoder predictions become one loss (MIRL pairing and the paper's ablations)."""
 import torch
 
+from .choices import SEGMENTED_OBJECTIVES
 from .targets import ReconstructionTarget
-
-SEGMENTED_OBJECTIVES = ("mirl", "multi_decoder", "coarse_to_fine", "fine_to_coarse")
 
 
 def pair_name(g: int, num_segments: int) -> str:
