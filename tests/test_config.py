@@ -150,6 +150,8 @@ def test_check_config_reports_errors_as_sentences_with_nonzero_exit():
     lines = result.stderr.strip().splitlines()
     assert all(line.startswith("error: ") for line in lines), result.stderr
     assert any("did you mean 'model.depth'" in line for line in lines)
+    # The misspelt key does not hide the other problem: both are named in one run.
+    assert any("objective.segments=3 is odd" in line for line in lines), result.stderr
     assert "Traceback" not in result.stderr
 
 

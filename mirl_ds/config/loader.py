@@ -208,13 +208,14 @@ def load_config(paths: str | Path | list | None = None, overrides: list[str] | N
         values[key], problem = _check_type(values[key], valid[key], f"{origin[key]}: {key}")
         if problem:
             problems.append(problem)
-    if problems:
-        raise ConfigError(problems)
+            del values[key]
+    # The rest is still checked, keys that could not be read keeping their defaults, so that one
+    # run of check-config names every problem rather than one at a time.
     cfg = _build(RunConfig, values)
     if validate:
-        problems = validate_config(cfg)
-        if problems:
-            raise ConfigError(problems)
+        problems += validate_config(cfg)
+    if problems:
+        raise ConfigError(problems)
     return cfg
 
 
