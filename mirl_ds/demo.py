@@ -22,9 +22,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import torch
@@ -44,12 +42,6 @@ CPU_DS_CONFIG = Path(__file__).resolve().parents[1] / "ds_configs" / "cpu_test.j
 
 class DemoFailed(ValueError):
     """Pre-training stopped with an error; the message is the rank's own one sentence."""
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def demo_shards(cfg: RunConfig) -> Path:
@@ -75,23 +67,27 @@ def demo_manifest(cfg: RunConfig) -> Path:
 def _deepspeed(module: str, config: Path, overrides: list[str], ranks: int, log_path: Path, what: str) -> None:
     """``deepspeed --num_gpus <ranks> --module <module>`` on the CPU DeepSpeed config, as
     ``mirl-ds launch`` builds it; rank 0's progress lines are shown, the rest goes to ``log_path``."""
-    from .engine.launch import build_launch_command
+    from .engine.launch import build_launch_command, deepspeed_executable, free_port, remove_shm_buffers
 
-    cmd = build_launch_command([config], overrides, CPU_DS_CONFIG, num_gpus=ranks, master_port=_free_port(),
+    port = free_port()
+    cmd = build_launch_command([config], overrides, CPU_DS_CONFIG, num_gpus=ranks, master_port=port,
                                module=module)
-    cmd[0] = str(Path(sys.executable).with_name("deepspeed"))     # the venv's launcher
+    cmd[0] = deepspeed_executable()
     log.info("launching: " + " ".join(cmd))
     env = dict(os.environ, OMP_NUM_THREADS=str(max(1, (os.cpu_count() or 1) // ranks)), PYTHONUNBUFFERED="1")
     errors = []
-    with open(log_path, "w") as full_log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-        for line in proc.stdout:
-            full_log.write(line)
-            if line.startswith("[rank 0]"):
-                print(line, end="", flush=True)
-            elif line.startswith("error: "):
-                errors.append(line[len("error: "):].strip())
-        proc.wait()
+    try:
+        with open(log_path, "w") as full_log:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            for line in proc.stdout:
+                full_log.write(line)
+                if line.startswith("[rank 0]"):
+                    print(line, end="", flush=True)
+                elif line.startswith("error: "):
+                    errors.append(line[len("error: "):].strip())
+            proc.wait()
+    finally:
+        remove_shm_buffers(port)
     if proc.returncode != 0:
         reason = errors[0] if errors else f"the launcher exited with {proc.returncode}"
         raise DemoFailed(f"{what} stopped: {reason} (DeepSpeed's output: {log_path})")

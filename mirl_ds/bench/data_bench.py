@@ -152,8 +152,6 @@ def write_dataset(out: Path, images: int, classes: int, shard_size: int, seed: i
 
 # -- pipelines -------------------------------------------------------------------------------
 
-
-
 def _worker_init(worker_id: int) -> None:
     import torch
     torch.set_num_threads(1)

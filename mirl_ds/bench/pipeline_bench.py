@@ -61,18 +61,17 @@ bench removes those of its own ports.  On a shared machine run it alone:
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
-import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from ..engine.launch import deepspeed_executable, free_port, remove_shm_buffers
 
 ISSUE_TARGET_RATIO = 0.55   # per-rank parameter + optimizer memory, pp=2 over pp=1 (the issue)
 RANKS = 2
@@ -230,21 +229,6 @@ def wait_for_memory(need: int, seconds: float) -> int:
 
 # -- one run --------------------------------------------------------------------------------
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def deepspeed_launcher() -> str:
-    sibling = Path(sys.executable).with_name("deepspeed")
-    exe = str(sibling) if os.access(sibling, os.X_OK) else shutil.which("deepspeed")
-    if exe is None:
-        raise ValueError("the deepspeed launcher is not on PATH; activate the environment where "
-                         "deepspeed is installed")
-    return exe
-
-
 def ds_config(spec: RunSpec) -> dict:
     zero = {"stage": spec.zero}
     if spec.zero:
@@ -264,16 +248,6 @@ def run_overrides(args, spec: RunSpec, manifest: str, folder: Path) -> list[str]
             f"logging.log_every={10 ** 9}", f"parallel.pipeline_stages={spec.pp}", *args.overrides]
 
 
-def remove_shm_buffers(port: int) -> None:
-    # DeepSpeed's CPU all-reduce (shm.cpp) shm_open()s one buffer per rank, named after the
-    # master port, and never unlinks it: 66 MB of RAM per rank and run until reboot.
-    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
-        try:
-            os.unlink(path)
-        except OSError:
-            pass
-
-
 def launch(spec: RunSpec, args, manifest: str, folder: Path) -> list[dict]:
     """Train ``spec`` on 2 ranks; the ranks' reports in rank order.  RuntimeError on failure."""
     reports = folder / "reports"
@@ -281,7 +255,7 @@ def launch(spec: RunSpec, args, manifest: str, folder: Path) -> list[dict]:
     ds_path = folder / "ds_config.json"
     ds_path.write_text(json.dumps(ds_config(spec), indent=2))
     port = free_port()
-    cmd = [deepspeed_launcher(), "--num_gpus", str(RANKS), "--master_port", str(port),
+    cmd = [deepspeed_executable(), "--num_gpus", str(RANKS), "--master_port", str(port),
            "--module", "mirl_ds.pretrain", "--config", args.config, "--deepspeed_config", str(ds_path),
            *run_overrides(args, spec, manifest, folder)]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", **{REPORT_ENV: str(reports)})

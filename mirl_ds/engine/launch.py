@@ -5,7 +5,11 @@ training module's arguments. Unlike a bare ``deepspeed`` call, the run config, t
 the DeepSpeed JSON are loaded and reconciled here first, for the world size the launcher will
 start, so a contradiction is one sentence on the launching terminal instead of N tracebacks.
 """
+import glob
 import os
+import shutil
+import socket
+import sys
 from pathlib import Path
 
 from ..config.loader import ConfigError, load_config
@@ -14,6 +18,35 @@ from .hostfile import HostfileError, filter_hosts, parse_hostfile, total_slots
 
 # DeepSpeed reads this hostfile when --hostfile is not given (deepspeed.launcher.constants).
 DEFAULT_HOSTFILE = "/job/hostfile"
+
+
+def free_port() -> int:
+    """A TCP port free on loopback now, for a launch's --master_port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def deepspeed_executable() -> str:
+    """The ``deepspeed`` launcher of this Python's environment (its bin/ may not be on PATH when
+    run as ``.venv/bin/python -m mirl_ds``), else the one on PATH."""
+    sibling = Path(sys.executable).with_name("deepspeed")
+    exe = str(sibling) if os.access(sibling, os.X_OK) else shutil.which("deepspeed")
+    if exe is None:
+        raise ValueError("the deepspeed launcher is not on PATH; activate the environment where "
+                         "deepspeed is installed")
+    return exe
+
+
+def remove_shm_buffers(port: int) -> None:
+    """Call after a CPU launch on ``port`` has ended.  DeepSpeed's CPU all-reduce (shm.cpp)
+    shm_open()s one buffer per rank, named after the master port, and never unlinks it: 66 MB of
+    RAM per rank and run until reboot."""
+    for path in glob.glob(f"/dev/shm/deepspeed_allreduce_buffer_{os.getuid()}_*_{port}_*"):
+        try:
+            os.unlink(path)
+        except OSError:
+            pass
 
 
 def _local_device_count() -> int:

@@ -27,7 +27,6 @@ from timm.data import IMAGENET_DEFAULT_MEAN as IMAGENET_MEAN, IMAGENET_DEFAULT_S
 from .choices import DEGRADATION_KINDS as KINDS
 
 
-
 # --------------------------------------------------------------------------------------------
 # Shared helpers
 # --------------------------------------------------------------------------------------------
