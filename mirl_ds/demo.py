@@ -144,9 +144,8 @@ def run_demo(cfg: RunConfig, ranks: int = 2, finetune: bool = True, finetune_ove
 
 def finetune_overrides_for(cfg: RunConfig, manifest: Path, init: Path | None, run_dir: Path) -> list[str]:
     """``finetune_demo`` on the pre-training's encoder shape, data, normalisation and seed."""
-    model = [f"model.{k}={v}" for k, v in vars(cfg.model).items()
-             if v is not None and k in ("preset", "img_size", "patch_size", "embed_dim", "depth", "num_heads",
-                                        "mlp_ratio")]
+    # The encoder's shape: every model key but the decoder's, which fine-tuning drops.
+    model = [f"model.{k}={v}" for k, v in vars(cfg.model).items() if v is not None and not k.startswith("decoder_")]
     val = manifest.with_name("val.manifest.json")
     return model + [f"seed={cfg.seed}", f"data.mean={list(cfg.data.mean)}", f"data.std={list(cfg.data.std)}",
                     "data.source=shards", f"data.shards={manifest}", f"finetune.val_shards={val}",
