@@ -117,6 +117,18 @@ def test_zoom_in_view_must_extend_the_input_by_whole_patches():
     assert "objective.degradation.view_size=40" in problem
 
 
+def test_crop_scales_must_be_an_area_range_within_the_image():
+    (problem,) = problems_of(["finetune.crop_scale=[0.5]"])
+    assert problem.startswith("finetune.crop_scale=[0.5] must be [low, high]")
+    (problem,) = problems_of(["data.crop_scale=[0.9, 0.2]"])
+    assert problem.startswith("data.crop_scale=[0.9, 0.2] must be [low, high]")
+
+
+def test_synthetic_layout_is_checked_with_the_config():
+    (problem,) = problems_of(["data.synthetic.layout=stripes"])
+    assert problem == "data.synthetic: layout must be one of objects, mirror, got 'stripes'"
+
+
 def test_unknown_preset_lists_the_presets():
     (problem,) = problems_of(["model.preset=vit_huge"])
     assert "vit_huge" in problem and "vit_b48" in problem

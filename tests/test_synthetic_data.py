@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 from mirl_ds.data.synthetic import (
+    MIRRORS,
     SHAPES,
     TEXTURES,
     SyntheticSpec,
@@ -255,4 +256,52 @@ def test_readme_says_synthetic_and_how_generated(tree):
     for name in class_names(SPEC.num_classes):
         assert name in text
     spec_json = json.loads((root / "spec.json").read_text())
-    assert {k: spec_json[k] for k in SPEC.__dict__} == SPEC.__dict__
+    expected = {k: v for k, v in SPEC.__dict__.items() if k != "layout"}
+    assert {k: spec_json[k] for k in expected} == expected
+    assert "layout" not in spec_json  # the default layout: trees written before layouts existed stay valid
+
+
+# ----------------------------------------------------------------------------- mirror layout
+
+
+def _mirror_errors(img: np.ndarray) -> dict[str, float]:
+    """Mean absolute difference of an image and each of its mirror images (JPEG leaves a few levels)."""
+    return {"leftright": float(np.abs(img - img[:, ::-1]).mean()),
+            "topbottom": float(np.abs(img - img[::-1]).mean()),
+            "point": float(np.abs(img - img[::-1, ::-1]).mean())}
+
+
+@pytest.mark.parametrize("size", [32, 33])
+def test_mirror_layout_labels_each_image_with_its_symmetry(tmp_path, size):
+    spec = SyntheticSpec(num_classes=4, train_per_class=6, val_per_class=2, image_size=size, layout="mirror")
+    root = Path(generate_synthetic_imagefolder(tmp_path / "m", spec)["root"])
+    assert class_names(4, "mirror") == sorted(f"mirror_{m}" for m in MIRRORS)
+    assert json.loads((root / "classes.json").read_text()) == {str(i): n for i, n in enumerate(class_names(4, "mirror"))}
+    assert sorted(p.name for p in (root / "train").iterdir()) == class_names(4, "mirror")
+    for name in class_names(4, "mirror"):
+        for f in sorted((root / "train" / name).glob("*.JPEG")):
+            errors = _mirror_errors(np.asarray(Image.open(f).convert("RGB"), dtype=np.float32))
+            own = name[len("mirror_"):]
+            for kind, err in errors.items():
+                if kind == own:
+                    assert err < 6, (f.name, errors)
+                else:
+                    assert err > 15, (f.name, errors)
+    assert json.loads((root / "spec.json").read_text())["layout"] == "mirror"
+    assert "layout: mirror" in (root / "README.txt").read_text()
+
+
+def test_a_tree_of_one_layout_is_not_reused_for_another(tmp_path):
+    root = tmp_path / "d"
+    generate_synthetic_imagefolder(root, SyntheticSpec(num_classes=3, train_per_class=2, val_per_class=1,
+                                                       image_size=32, layout="mirror"))
+    with pytest.raises(ValueError, match=re.escape(str(root))):
+        generate_synthetic_imagefolder(root, SyntheticSpec(num_classes=3, train_per_class=2, val_per_class=1,
+                                                           image_size=32))
+
+
+def test_mirror_layout_has_four_classes_and_unknown_layouts_are_named():
+    with pytest.raises(ValueError, match=r"num_classes must be in \[1, 4\] for layout mirror"):
+        SyntheticSpec(num_classes=5, layout="mirror").validate()
+    with pytest.raises(ValueError, match="layout must be one of objects, mirror, got 'stripes'"):
+        SyntheticSpec(layout="stripes").validate()

@@ -159,6 +159,9 @@ class FinetuneConfig:
     layer_decay: float = 0.75            # lr × decay^(depth+1-layer); MAE's grouping via timm
     auto_augment: str | None = "rand-m9-mstd0.5-inc1"
     re_prob: float = 0.25                # random erasing
+    # RandomResizedCrop's area range, timm's --scale (data.crop_scale is pre-training's).  Raise the
+    # low end where a crop changes the label, e.g. [1.0, 1.0] for the synthetic mirror layout.
+    crop_scale: list[float] = field(default_factory=lambda: [0.08, 1.0])
     mixup: float = 0.8
     cutmix: float = 1.0
     label_smoothing: float = 0.1

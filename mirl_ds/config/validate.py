@@ -140,8 +140,9 @@ def _data_problems(cfg: RunConfig) -> list[str]:
         p.append(f"data.synthetic: {e}")
     if d.micro_batch_size < 1:
         p.append(f"data.micro_batch_size={d.micro_batch_size} must be at least 1")
-    if len(d.crop_scale) != 2 or not 0 < d.crop_scale[0] <= d.crop_scale[1] <= 1:
-        p.append(f"data.crop_scale={d.crop_scale} must be [low, high] with 0 < low <= high <= 1")
+    for key, scale in (("data.crop_scale", d.crop_scale), ("finetune.crop_scale", cfg.finetune.crop_scale)):
+        if len(scale) != 2 or not 0 < scale[0] <= scale[1] <= 1:
+            p.append(f"{key}={scale} must be [low, high] with 0 < low <= high <= 1")
     if len(d.mean) != 3 or len(d.std) != 3 or min(d.std) <= 0:
         p.append("data.mean and data.std need three values each, std positive")
     return p

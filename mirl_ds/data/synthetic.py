@@ -30,6 +30,19 @@ fill, so neither mean colour nor position identifies the class: only shape and t
 do, which gives masked image modelling structure to reconstruct and a classifier
 something to learn.
 
+The ``mirror`` layout
+---------------------
+``SyntheticSpec(layout="mirror")`` is a second set, made to show in minutes on a CPU whether
+pre-training transfers.  Its class is the image's mirror symmetry: ``mirror_none``,
+``mirror_leftright`` (right half = left half mirrored), ``mirror_topbottom`` or
+``mirror_point`` (lower half = upper half turned by 180 degrees); the content is an image
+of the default layout with a random class.  To fill a masked patch whose mirror image is
+visible, masked image modelling must work out which symmetry the image has: the label is
+something pre-training learns without labels, while a tiny ViT learning it from labels
+alone has to discover the comparison of mirrored patches (``tests/test_transfer.py``).
+Horizontal flips keep every label; crops and geometric augmentations that move the
+centre do not.
+
 Rendering is vectorised numpy on a coordinate grid, supersampled 2x and box-filtered
 down for antialiasing; PIL only encodes the JPEG.  Each image's random stream is
 ``np.random.SeedSequence([seed, split, class_index, index])``, so output is
@@ -56,6 +69,8 @@ __all__ = [
     "TEXTURES",
     "MAX_CLASSES",
     "GENERATOR_VERSION",
+    "LAYOUTS",
+    "MIRRORS",
     "SyntheticSpec",
     "class_names",
     "render_image",
@@ -65,6 +80,8 @@ __all__ = [
 SHAPES: tuple[str, ...] = ("disc", "square", "triangle", "cross")
 TEXTURES: tuple[str, ...] = ("solid", "stripes", "checker", "dots")
 MAX_CLASSES = len(SHAPES) * len(TEXTURES)
+LAYOUTS: tuple[str, ...] = ("objects", "mirror")
+MIRRORS: tuple[str, ...] = ("none", "leftright", "topbottom", "point")
 SPLITS: tuple[str, ...] = ("train", "val")
 JPEG_QUALITY = 90
 # Bump whenever rendering changes output bytes: a tree written by another version is
@@ -92,13 +109,17 @@ class SyntheticSpec:
     val_per_class: int = 16
     image_size: int = 64
     seed: int = 0
+    layout: str = "objects"  # objects (shape x texture classes) | mirror (symmetry classes)
 
     def validate(self) -> None:
         for k, v in asdict(self).items():
-            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+            if k != "layout" and (isinstance(v, bool) or not isinstance(v, (int, np.integer))):
                 raise ValueError(f"SyntheticSpec.{k} must be an int, got {v!r}")
-        if not 1 <= int(self.num_classes) <= MAX_CLASSES:
-            raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}], got {self.num_classes}")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout must be one of {', '.join(LAYOUTS)}, got {self.layout!r}")
+        limit = max_classes(self.layout)
+        if not 1 <= int(self.num_classes) <= limit:
+            raise ValueError(f"num_classes must be in [1, {limit}] for layout {self.layout}, got {self.num_classes}")
         if int(self.train_per_class) < 1 or int(self.val_per_class) < 1:
             raise ValueError(
                 "train_per_class and val_per_class must be >= 1 "
@@ -113,15 +134,22 @@ class SyntheticSpec:
         return int(self.train_per_class if split == "train" else self.val_per_class)
 
 
-def _canonical_names(num_classes: int) -> list[str]:
+def max_classes(layout: str = "objects") -> int:
+    return len(MIRRORS) if layout == "mirror" else MAX_CLASSES
+
+
+def _canonical_names(num_classes: int, layout: str = "objects") -> list[str]:
+    if layout == "mirror":
+        return [f"mirror_{m}" for m in MIRRORS[:num_classes]]
     return [f"{SHAPES[c % len(SHAPES)]}_{TEXTURES[c // len(SHAPES)]}" for c in range(num_classes)]
 
 
-def class_names(num_classes: int = 8) -> list[str]:
+def class_names(num_classes: int = 8, layout: str = "objects") -> list[str]:
     """Class names of a ``num_classes`` set; list position = class index (sorted order)."""
-    if not 1 <= num_classes <= MAX_CLASSES:
-        raise ValueError(f"num_classes must be in [1, {MAX_CLASSES}], got {num_classes}")
-    return sorted(_canonical_names(num_classes))
+    limit = max_classes(layout)
+    if not 1 <= num_classes <= limit:
+        raise ValueError(f"num_classes must be in [1, {limit}] for layout {layout}, got {num_classes}")
+    return sorted(_canonical_names(num_classes, layout))
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -189,11 +217,35 @@ def _texture_mask(texture: str, x: np.ndarray, y: np.ndarray, rng: np.random.Gen
     raise ValueError(f"unknown texture {texture!r}")
 
 
-def render_image(class_index: int, rng: np.random.Generator, image_size: int, num_classes: int) -> np.ndarray:
+def _mirrored(img: np.ndarray, mirror: str) -> np.ndarray:
+    """``img`` with one half replaced by the mirror image of the other (``mirror`` in MIRRORS)."""
+    out = img.copy()
+    s, h = img.shape[0], img.shape[0] // 2  # an odd size keeps its middle column / row
+    if mirror == "leftright":
+        out[:, s - h:] = img[:, :h][:, ::-1]
+    elif mirror == "topbottom":
+        out[s - h:] = img[:h][::-1]
+    elif mirror == "point":
+        out[s - h:] = img[:h][::-1, ::-1]
+        if s % 2:
+            out[h, s - h:] = img[h, :h][::-1]
+    elif mirror != "none":
+        raise ValueError(f"unknown mirror {mirror!r}")
+    return out
+
+
+def render_image(class_index: int, rng: np.random.Generator, image_size: int, num_classes: int,
+                 layout: str = "objects") -> np.ndarray:
     """Render one image of class ``class_index`` (index into :func:`class_names`).
 
     Returns ``uint8 [image_size, image_size, 3]``.  All randomness comes from ``rng``.
     """
+    if layout == "mirror":
+        names = class_names(num_classes, layout)
+        if not 0 <= class_index < num_classes:
+            raise ValueError(f"class_index {class_index} out of range for {num_classes} classes")
+        content = render_image(int(rng.integers(0, MAX_CLASSES)), rng, image_size, MAX_CLASSES)
+        return _mirrored(content, names[class_index][len("mirror_"):])
     names = class_names(num_classes)
     if not 0 <= class_index < num_classes:
         raise ValueError(f"class_index {class_index} out of range for {num_classes} classes")
@@ -273,13 +325,13 @@ def _encode_jpeg(arr: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_class(job: tuple[str, str, int, str, int, int, int, int]) -> int:
+def _write_class(job: tuple[str, str, int, str, int, int, int, int, str]) -> int:
     """Render and write every image of one (split, class)."""
-    root, split, class_index, name, count, image_size, num_classes, seed = job
+    root, split, class_index, name, count, image_size, num_classes, seed, layout = job
     d = Path(root) / split / name
     d.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        arr = render_image(class_index, _image_rng(seed, split, class_index, i), image_size, num_classes)
+        arr = render_image(class_index, _image_rng(seed, split, class_index, i), image_size, num_classes, layout)
         (d / f"{split}_{name}_{i:05d}.JPEG").write_bytes(_encode_jpeg(arr))
     return count
 
@@ -288,7 +340,9 @@ def _write_class(job: tuple[str, str, int, str, int, int, int, int]) -> int:
 
 
 def _spec_record(spec: SyntheticSpec) -> dict:
-    rec = {k: int(v) for k, v in asdict(spec).items()}
+    rec = {k: int(v) for k, v in asdict(spec).items() if k != "layout"}
+    if spec.layout != "objects":  # trees written before layouts existed stay valid
+        rec["layout"] = spec.layout
     rec["generator_version"] = GENERATOR_VERSION
     return rec
 
@@ -304,6 +358,7 @@ def _readme(spec: SyntheticSpec, names: list[str]) -> str:
         "Purpose: embedded default data for the mirl_ds CPU demo and tests.",
         "",
         f"seed: {spec.seed}",
+        f"layout: {spec.layout}",
         f"image size: {spec.image_size}x{spec.image_size} RGB, JPEG quality {JPEG_QUALITY} (4:4:4 chroma)",
         f"classes: {spec.num_classes}",
         f"train: {spec.train_per_class} per class, {n_train} images",
@@ -323,6 +378,16 @@ def _readme(spec: SyntheticSpec, names: list[str]) -> str:
         "colour / orientation / phase, position, scale, rotation and 0-2 soft distractor",
         "blobs vary freely, drawn from the same distribution for all classes; shapes have",
         "equal area and textures ~50% fill.  Only shape and texture identify the class.",
+    ]
+    if spec.layout == "mirror":
+        lines += [
+            "",
+            "Layout mirror: the images above with a random (shape, texture) pair are NOT the",
+            "classes here.  The class is the image's mirror symmetry: mirror_none, mirror_leftright",
+            "(right half = left half mirrored), mirror_topbottom, mirror_point (lower half = upper",
+            "half turned by 180 degrees).",
+        ]
+    lines += [
         "Rendered with numpy at 2x and box-filtered down (antialiasing).  Each image's",
         "randomness is np.random.SeedSequence([seed, split(train=0,val=1), class_index, index]),",
         "so the same spec reproduces byte-identical files.",
@@ -335,7 +400,7 @@ def _readme(spec: SyntheticSpec, names: list[str]) -> str:
 
 def _check_partial_tree(root: Path) -> None:
     """Refuse to write into a non-empty directory that is not (a partial) synthetic tree."""
-    vocabulary = set(_canonical_names(MAX_CLASSES))
+    vocabulary = set(_canonical_names(MAX_CLASSES)) | set(_canonical_names(len(MIRRORS), "mirror"))
     foreign: list[str] = []
     for entry in root.iterdir():
         if entry.name not in _TOP_LEVEL:
@@ -392,7 +457,7 @@ def generate_synthetic_imagefolder(root: str | os.PathLike, spec: SyntheticSpec 
     spec = SyntheticSpec() if spec is None else spec
     spec.validate()
     root = Path(root)
-    names = class_names(spec.num_classes)
+    names = class_names(spec.num_classes, spec.layout)
     record = _spec_record(spec)
     summary = {
         "root": str(root),
@@ -423,7 +488,8 @@ def generate_synthetic_imagefolder(root: str | os.PathLike, spec: SyntheticSpec 
     t0 = time.perf_counter()
     root.mkdir(parents=True, exist_ok=True)
     jobs = [
-        (str(root), split, ci, name, spec.per_class(split), int(spec.image_size), int(spec.num_classes), int(spec.seed))
+        (str(root), split, ci, name, spec.per_class(split), int(spec.image_size), int(spec.num_classes), int(spec.seed),
+         spec.layout)
         for split in SPLITS
         for ci, name in enumerate(names)
     ]

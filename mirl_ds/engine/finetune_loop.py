@@ -157,7 +157,7 @@ def run_finetuning(config_paths: list[str], overrides: list[str], ds_path: str) 
 
     size = pretrain_input_size(cfg)
     decoder = finetune_decoder(size, auto_augment=ft.auto_augment, re_prob=ft.re_prob, mean=cfg.data.mean,
-                               std=cfg.data.std)
+                               std=cfg.data.std, scale=ft.crop_scale)
     loader = StreamingLoader(manifest, batch_size=cfg.data.micro_batch_size, dp_rank=rank, dp_size=world,
                              num_workers=cfg.data.num_workers, seed=cfg.seed, decode=SampleDecoder(decoder))
     mixup = build_mixup(ft.mixup, ft.cutmix, ft.label_smoothing, num_classes=num_classes)
