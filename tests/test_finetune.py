@@ -80,12 +80,16 @@ def shards(tmp_path_factory) -> dict[str, str]:
 
 
 def deepspeed(module: str, tmp: Path, ranks: int, ds_config: Path, *args: str) -> str:
-    from ssh_cluster import free_port
+    from mirl_ds.engine.launch import deepspeed_executable, free_port, remove_shm_buffers
 
-    cmd = [str(BIN / "deepspeed"), "--num_gpus", str(ranks), "--master_port", str(free_port(["127.0.0.1"])),
+    port = free_port()
+    cmd = [deepspeed_executable(), "--num_gpus", str(ranks), "--master_port", str(port),
            "--module", module, "--deepspeed_config", str(ds_config), *args]
-    out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
-                         capture_output=True, text=True, timeout=600)
+    try:
+        out = subprocess.run(cmd, cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"),
+                             capture_output=True, text=True, timeout=600)
+    finally:
+        remove_shm_buffers(port)          # DeepSpeed's CPU all-reduce buffers, 66 MB a rank
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     return out.stdout + out.stderr
 

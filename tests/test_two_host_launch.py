@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from mirl_ds.engine.launch import remove_shm_buffers
 from ssh_cluster import HOSTS, free_port
 
 LAUNCH_TIMEOUT_S = 300.0   # generous: a busy 2-core machine; only a hang should hit it
@@ -141,7 +142,10 @@ def test_two_host_launch_through_pdsh_ssh(ssh_cluster, tmp_path):
     cmd = [_deepspeed(), "--hostfile", str(hostfile), "--master_addr", "127.0.0.1",
            "--master_port", str(port), str(script), str(out)]
     proc = _spawn(cmd, tmp_path, ssh_cluster.env(), log)
-    _wait_all([proc], [log], _timeout(), on_timeout=ssh_cluster.kill_strays)
+    try:
+        _wait_all([proc], [log], _timeout(), on_timeout=ssh_cluster.kill_strays)
+    finally:
+        remove_shm_buffers(port)   # the probe script's ranks leave DeepSpeed's CPU all-reduce buffers
 
     text = log.read_text(errors="replace")
     recs = _records(out)
