@@ -3,7 +3,6 @@ import argparse
 import importlib
 import os
 import shlex
-import shutil
 import sys
 
 from .config import ConfigError, dump_config, load_config
@@ -46,7 +45,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_launch(args) -> int:
-    from .engine.launch import build_launch_command
+    from .engine.launch import build_launch_command, deepspeed_executable
     cmd = build_launch_command(
         args.config, args.overrides, args.deepspeed_config, hostfile=args.hostfile,
         include=args.include, exclude=args.exclude, num_gpus=args.num_gpus,
@@ -55,12 +54,8 @@ def cmd_launch(args) -> int:
     print(shlex.join(cmd), flush=True)  # flushed: exec replaces the process and its buffers
     if args.dry_run:
         return 0
-    # The venv's bin/ may not be on PATH when run as `.venv/bin/python -m mirl_ds`.
-    sibling = os.path.join(os.path.dirname(sys.executable), cmd[0])
-    exe = shutil.which(cmd[0]) or (sibling if os.access(sibling, os.X_OK) else None)
-    if exe is None:
-        raise ValueError("the deepspeed launcher is not on PATH; activate the environment "
-                         "where deepspeed is installed")
+    # This environment's launcher (the one whose deepspeed the ranks import), else PATH's.
+    exe = deepspeed_executable()
     # exec, not subprocess: deepspeed becomes this process, so Ctrl-C and SIGTERM reach it
     # (and it forwards them to every rank) with no wrapper in between.
     os.execvp(exe, cmd)
