@@ -15,6 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mirl_ds.engine.launch import remove_shm_buffers
+
 ROOT = Path(__file__).resolve().parents[1]
 DEEPSPEED = str(Path(sys.executable).with_name("deepspeed"))
 STEPS = 12          # long enough that a signal sent at step 3 lands before the end
@@ -141,6 +143,7 @@ def test_killed_run_resumes_from_its_checkpoint_with_the_uninterrupted_losses(ma
     wait_for_step(tmp_path / "run", 3, proc)      # checkpoint at step 2, then one more step
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
+    remove_shm_buffers(int(proc.args[proc.args.index("--master_port") + 1]))   # a killed rank leaves its own
     saved = sorted(int(p.name[len("global_step"):]) for p in (tmp_path / "ckpt").glob("global_step*"))
     assert saved and 2 <= saved[-1] < STEPS
     resumed = launch(tmp_path, manifest, 1)       # checkpoint.resume defaults to auto
