@@ -240,15 +240,12 @@ def render_image(class_index: int, rng: np.random.Generator, image_size: int, nu
 
     Returns ``uint8 [image_size, image_size, 3]``.  All randomness comes from ``rng``.
     """
-    if layout == "mirror":
-        names = class_names(num_classes, layout)
-        if not 0 <= class_index < num_classes:
-            raise ValueError(f"class_index {class_index} out of range for {num_classes} classes")
-        content = render_image(int(rng.integers(0, MAX_CLASSES)), rng, image_size, MAX_CLASSES)
-        return _mirrored(content, names[class_index][len("mirror_"):])
-    names = class_names(num_classes)
+    names = class_names(num_classes, layout)
     if not 0 <= class_index < num_classes:
         raise ValueError(f"class_index {class_index} out of range for {num_classes} classes")
+    if layout == "mirror":
+        content = render_image(int(rng.integers(0, MAX_CLASSES)), rng, image_size, MAX_CLASSES)
+        return _mirrored(content, names[class_index][len("mirror_"):])
     shape, texture = names[class_index].split("_")
 
     s = int(image_size)
